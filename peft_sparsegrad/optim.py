@@ -46,6 +46,7 @@ __all__ = [
     "sparse_step",
     "SparseGradOptimizer",
     "build_param_groups",
+    "state_indices",
 ]
 
 SPARSE_MODES = ("adamw", "sparse_adam", "sgd")
@@ -81,6 +82,33 @@ def select_topk(grad: torch.Tensor, k: int) -> torch.Tensor:
     # One |g| temporary of the grad's size is unavoidable; topk(sorted=False) avoids a full sort.
     idx = grad.abs().flatten().topk(k, sorted=False).indices
     return idx.sort().values
+
+
+def _store_index(state: dict, key: str, flat: torch.Tensor, ncols: int) -> None:
+    """Keep flat indices as int32 (row, column) pairs, shape (2, n).
+
+    When the state lives in another optimizer (the Trainer's AdamW, via SparseGradCallback), torch's
+    ``load_state_dict`` casts every state tensor to the parameter's float dtype. Rows and columns are each < 2**24,
+    so they survive a float32 round trip exactly, which flat indices of a large layer (out · in >= 2**24) would not.
+    """
+    state[key] = torch.stack([flat.div(ncols, rounding_mode="floor"), flat.remainder(ncols)]).to(torch.int32)
+
+
+def state_indices(state: dict, param: torch.Tensor, key: str = "indices") -> torch.Tensor | None:
+    """Flat int64 indices of the support ("indices") or last selection ("prev_selected") of ``param``'s state."""
+    return _load_index(state, key, param.shape[-1] if param.dim() > 0 else 1)
+
+
+def _load_index(state: dict, key: str, ncols: int) -> torch.Tensor | None:
+    """Flat int64 indices from ``_store_index``'s layout (also after a float cast by torch)."""
+    pairs = state.get(key)
+    if pairs is None:
+        return None
+    if pairs.is_floating_point():
+        pairs = pairs.round().to(torch.int32)
+        state[key] = pairs
+    pairs = pairs.long()
+    return pairs[0] * ncols + pairs[1]
 
 
 def _flat_view(param: torch.Tensor) -> torch.Tensor:
@@ -133,11 +161,12 @@ def _sparse_step_impl(
                               torch.ones_like(total))
 
     # overlap = |sel ∩ prev_sel| / k  (0 on the first step)
-    prev = state.get("prev_selected")
+    ncols = param.shape[-1] if param.dim() > 0 else 1
+    prev = _load_index(state, "prev_selected", ncols)
     if prev is None or n_sel == 0:
         overlap = torch.zeros((), device=param.device)
     else:
-        overlap = torch.isin(sel, prev.long()).sum().float() / n_sel
+        overlap = torch.isin(sel, prev).sum().float() / n_sel
 
     state["step"] = int(state.get("step", 0)) + 1
     t = state["step"]
@@ -181,13 +210,13 @@ def _sparse_step_impl(
         # Support S = sorted union of all entries ever selected (int32 flat indices).
         # Merge: S_new = unique(S ∪ sel); old moments are scattered to their new positions,
         # new entries start at m = v = 0.
-        old_idx = state.get("indices")
+        old_idx = _load_index(state, "indices", ncols)
         if old_idx is None:
             idx = sel
             m = torch.zeros(n_sel, dtype=param.dtype, device=param.device)
             v = torch.zeros_like(m)
         else:
-            old_long = old_idx.long()
+            old_long = old_idx
             idx = torch.cat([old_long, sel]).unique(sorted=True)
             if idx.numel() == old_long.numel():  # no new entries: keep buffers as they are
                 m, v = state["exp_avg"], state["exp_avg_sq"]
@@ -197,7 +226,7 @@ def _sparse_step_impl(
                 v = torch.zeros_like(m)
                 m.index_copy_(0, pos_old, state["exp_avg"])
                 v.index_copy_(0, pos_old, state["exp_avg_sq"])
-        state["indices"] = idx.to(torch.int32)
+        _store_index(state, "indices", idx, ncols)
         state["exp_avg"], state["exp_avg_sq"] = m, v
 
         # g_S: g at sel, 0 at the other entries of S.
@@ -218,7 +247,7 @@ def _sparse_step_impl(
         p_flat.index_copy_(0, idx, p_u)
         support = idx.numel()
 
-    state["prev_selected"] = sel.to(torch.int32)
+    _store_index(state, "prev_selected", sel, ncols)
     return kept_energy, overlap, support
 
 

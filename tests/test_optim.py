@@ -16,6 +16,7 @@ from peft_sparsegrad.optim import (
     build_param_groups,
     select_topk,
     sparse_step,
+    state_indices,
 )
 
 SHAPE = (12, 10)
@@ -116,15 +117,17 @@ def test_adamw_mode_first_step_changes_exactly_k_entries_and_state_is_lean():
     assert changed.tolist() == select_topk(grads[0], k).tolist()
     for t, g in enumerate(grads[1:], start=2):
         stats = sparse_step(p, g, state, k=k, lr=1e-2, mode="adamw")
-        n_sup = state["indices"].numel()
+        flat = state_indices(state, p)
+        n_sup = flat.numel()
         assert k <= n_sup <= t * k
         assert stats["support"] == n_sup
         assert state["indices"].dtype == torch.int32
         assert state["prev_selected"].dtype == torch.int32
         assert state["exp_avg"].shape == (n_sup,) and state["exp_avg_sq"].shape == (n_sup,)
-        assert torch.all(state["indices"][1:] > state["indices"][:-1])
+        assert state["indices"].shape == (2, n_sup)  # (row, column) pairs, exact through a float32 cast
+        assert torch.all(flat[1:] > flat[:-1])
         # the union contains every selection made so far
-        assert torch.isin(select_topk(g, k), state["indices"].long()).all()
+        assert torch.isin(select_topk(g, k), flat).all()
     assert state["step"] == 4
 
 
@@ -137,7 +140,7 @@ def test_adamw_mode_union_keeps_old_moments():
     b1, b2 = 0.9, 0.999
     sparse_step(p, g1, st, k=1, lr=0.1, mode="adamw", betas=(b1, b2))
     sparse_step(p, g2, st, k=1, lr=0.1, mode="adamw", betas=(b1, b2))
-    assert st["indices"].tolist() == [1, 5]
+    assert state_indices(st, p).tolist() == [1, 5]
     torch.testing.assert_close(st["exp_avg"], torch.tensor([b1 * (1 - b1) * 5.0, (1 - b1) * -3.0]))
     torch.testing.assert_close(
         st["exp_avg_sq"], torch.tensor([b2 * (1 - b2) * 25.0, (1 - b2) * 9.0])
@@ -155,7 +158,7 @@ def test_adamw_mode_full_k_equals_torch_adamw(wd):
         ref.step()
         opt.step()
         torch.testing.assert_close(p, p_ref, rtol=0, atol=1e-6)
-    assert opt.state[p]["indices"].numel() == N
+    assert state_indices(opt.state[p], p).numel() == N
 
 
 # ---------------------------------------------------------------- sgd
@@ -392,3 +395,18 @@ def test_lambda_lr_with_sparse_adam():
         torch.testing.assert_close(p, p_ref, rtol=0, atol=1e-6)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 5)
     assert math.isfinite(opt.last_stats["overlap"])
+
+
+def test_index_state_survives_a_float32_cast_of_a_large_layer():
+    """The Trainer's own optimizer casts state tensors to the param dtype on resume; indices must stay exact."""
+    p = torch.nn.Parameter(torch.zeros(5000, 4000))  # 2e7 entries > 2**24: flat indices would not survive float32
+    g = torch.zeros_like(p)
+    g[4999, 3999] = 1.0
+    g[4321, 17] = -2.0
+    state: dict = {}
+    sparse_step(p, g, state, k=2, lr=0.1, mode="adamw")
+    expected = state_indices(state, p).tolist()
+    state["indices"] = state["indices"].float()  # what torch's Optimizer.load_state_dict does
+    state["prev_selected"] = state["prev_selected"].float()
+    assert state_indices(state, p).tolist() == expected == [4321 * 4000 + 17, 4999 * 4000 + 3999]
+    assert state["indices"].dtype == torch.int32

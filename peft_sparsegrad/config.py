@@ -1,0 +1,143 @@
+"""SparseGradConfig: what to adapt, how many rotated-gradient entries to keep, and where the bases come from."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable, Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .registration import SPARSEGRAD
+
+#: Values of ``SparseGradConfig.bases`` that are not a path.
+BASES_MODES = ("calibrate", "identity", "checkpoint")
+#: Fields that exist only at run time and never reach ``adapter_config.json``.
+RUNTIME_FIELDS = ("calibration_dataloader", "precomputed_bases")
+SPARSE_OPTIMIZERS = ("adamw", "sparse_adam", "sgd")
+
+
+@dataclass
+class SparseGradConfig(PeftConfig):
+    """Configuration of a SparseGrad adapter (Chekalina et al., EMNLP 2024).
+
+    Each targeted MLP weight W (out × in) is trained as W' = U_outᵀ W U_in, where U_out, U_in are the HOSVD bases of
+    gradients collected in a short calibration pass; every optimizer step keeps only the k = ⌈keep_ratio·out·in⌉ entries
+    of the rotated gradient with the largest magnitude. ``bases="identity"`` gives MeProp (U = I).
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Names (suffixes) or a regex of the Linear/Conv1D layers to adapt. None: the MLP layers of the "
+            "architecture (see peft_sparsegrad.targets.DEFAULT_TARGET_MODULES); attention is never a default."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names (suffixes) or a regex of modules never to adapt."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the blocks with these indices (needs list-style target_modules)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the block list used with layers_to_transform, e.g. 'layer'."}
+    )
+    keep_ratio: float = field(
+        default=0.01,
+        metadata={"help": "Fraction of W' entries updated per optimizer step (top-k by |gradient|), in (0, 1]."},
+    )
+    bases: str = field(
+        default="calibrate",
+        metadata={
+            "help": "'calibrate': compute U_out, U_in from calibration gradients (needs calibration_dataloader); "
+            "'identity': U = I (MeProp, needs no data); a path to a bases file (save_bases) or a saved SparseGrad "
+            "adapter directory: reuse those bases; 'checkpoint': the bases are in the adapter weights being loaded "
+            "(written automatically by save_pretrained)."
+        },
+    )
+    calibration_steps: int = field(
+        default=30, metadata={"help": "Number of calibration batches (forward + backward, no optimizer step)."}
+    )
+    basis_method: Literal["gram", "tensorly"] = field(
+        default="gram",
+        metadata={
+            "help": "'gram': streaming eigenvectors of sum G Gᵀ and sum Gᵀ G (memory O(out² + in²) per layer type); "
+            "'tensorly': reference HOSVD of the explicitly stacked gradient tensor (memory steps·blocks·out·in)."
+        },
+    )
+    sparse_optimizer: Literal["adamw", "sparse_adam", "sgd"] = field(
+        default="adamw",
+        metadata={
+            "help": "Update rule used for the sparse W' entries by SparseGradCallback / create_sparsegrad_optimizer: "
+            "'adamw' (lean: state only for entries ever selected), 'sparse_adam' (paper-faithful lazy Adam with dense "
+            "moments), 'sgd'."
+        },
+    )
+    bias: Literal["none", "all", "sparsegrad_only"] = field(
+        default="none",
+        metadata={"help": "Which biases train (in the original basis): 'none', 'all', or 'sparsegrad_only'."},
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "Start ΔW' at zero (outputs equal the base model). False: small random ΔW', for tests only."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Extra modules trained densely and saved with the adapter, e.g. ['classifier']."},
+    )
+    calibration_dataloader: Optional[Iterable[Any]] = field(
+        default=None,
+        repr=False,
+        compare=False,
+        metadata={
+            "help": "Iterable of batches the model accepts (with labels, so the output has a loss). Used only while "
+            "get_peft_model calibrates; never written to adapter_config.json."
+        },
+    )
+    precomputed_bases: Optional[Any] = field(
+        default=None,
+        repr=False,
+        compare=False,
+        metadata={"help": "A SparseGradBases object to use instead of calibrating (run time only)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = SPARSEGRAD
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
+            raise TypeError(f"keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}.")
+        if not 0.0 < float(self.keep_ratio) <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}. The paper uses 0.01.")
+        if isinstance(self.calibration_steps, bool) or not isinstance(self.calibration_steps, int):
+            raise TypeError(f"calibration_steps must be an int >= 1, got {self.calibration_steps!r}.")
+        if self.calibration_steps < 1:
+            raise ValueError(f"calibration_steps must be >= 1, got {self.calibration_steps}.")
+        if not isinstance(self.bases, (str, os.PathLike)):
+            raise TypeError(
+                f"bases must be 'calibrate', 'identity', 'checkpoint' or a path, got {type(self.bases).__name__}; "
+                "pass a SparseGradBases object as precomputed_bases=..."
+            )
+        self.bases = os.fspath(self.bases)
+        if self.basis_method not in ("gram", "tensorly"):
+            raise ValueError(f"basis_method must be 'gram' or 'tensorly', got {self.basis_method!r}.")
+        if self.sparse_optimizer not in SPARSE_OPTIMIZERS:
+            raise ValueError(f"sparse_optimizer must be one of {SPARSE_OPTIMIZERS}, got {self.sparse_optimizer!r}.")
+        if self.bias not in ("none", "all", "sparsegrad_only"):
+            raise ValueError(f"bias must be 'none', 'all' or 'sparsegrad_only', got {self.bias!r}.")
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ValueError("layers_to_transform cannot be used when target_modules is a regex string.")
+        # "No data and no bases" is reported by get_peft_model, not here: PeftConfig.from_pretrained builds this class
+        # from a saved adapter_config.json, which legitimately has no data.
+
+    def to_dict(self) -> dict:
+        """Serializable fields only. The dataloader is dropped before copying (a generator cannot be deep-copied), and
+        a saved adapter always carries its bases, so the saved ``bases`` says where to find them."""
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in RUNTIME_FIELDS}
+        if out["bases"] != "identity":
+            out["bases"] = "checkpoint"
+        return out

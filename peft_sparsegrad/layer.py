@@ -1,0 +1,229 @@
+"""SparseGradLinear: a Linear/Conv1D layer trained in the rotated basis W' = U_outᵀ W U_in.
+
+Conventions (README notation): W is out × in (for transformers' Conv1D the stored weight is in × out and is viewed as
+Wᵀ here); x is (..., in); y = x Wᵀ + b. The paper writes weights as in × out (y = x W), so its Table 2 maps as
+``paper U_in  <-> our U_in`` (rows of the paper's W = input features) and ``paper U_out <-> our U_out``; the paper's
+rotated weight U_inᵀ W_paper U_out is our (U_outᵀ W U_in)ᵀ. The authors' scripts use the transpose of U_in on the input
+side and rotate the bias gradient: both are bugs and not reproduced here.
+
+The trainable tensor is ΔW' (out × in, float32), the change of W' since injection. Forward needs one matmul:
+y = x (W + ΔW)ᵀ + b with ΔW = U_out ΔW' U_inᵀ (cached until ΔW' changes), so outputs and input gradients are exactly
+those of the original layer with weight W + ΔW. Backward writes the dense rotated gradient U_outᵀ (∂L/∂W) U_in into
+ΔW'.grad; the top-k selection happens once per optimizer step (peft_sparsegrad.optim), after gradient accumulation and
+after the data-parallel all-reduce, so every rank selects the same entries. The bias stays in the original basis and
+gets the ordinary bias gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .bases import BasisPair
+from .targets import base_weight_as_out_in, is_conv1d, weight_shape
+
+ROUTING_ERROR = (
+    "SparseGrad parameters must be updated by the sparse optimizer, otherwise an ordinary optimizer would apply dense "
+    "(and weight-decayed) updates to the rotated weights. With the Hugging Face Trainer pass "
+    "callbacks=[peft_sparsegrad.SparseGradCallback()]; in a plain loop build the optimizer with "
+    "peft_sparsegrad.create_sparsegrad_optimizer(model, lr=...)."
+)
+
+
+class _SparseGradLinearFunction(torch.autograd.Function):
+    """y = x (W + ΔW)ᵀ + b; gradients: x and b as for a Linear layer, each ΔW'_a gets U_out,aᵀ (∂L/∂W) U_in,a.
+
+    Autocast is handled explicitly instead of with ``custom_fwd``/``custom_bwd`` (which need a fixed device type):
+    forward runs under the caller's autocast like any op, backward computes in the dtype of the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta_weight, layer, pairs, *deltas):
+        w_eff = weight if delta_weight is None else weight + delta_weight
+        ctx.save_for_backward(x, weight, delta_weight)
+        ctx.layer, ctx.pairs = layer, pairs
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(x, w_eff, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, delta_weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_deltas = ctx.needs_input_grad[6:]
+        dtype = grad_out.dtype
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            w_eff = weight if delta_weight is None else weight + delta_weight
+            grad_x = (grad_out @ w_eff.to(dtype)).to(x.dtype)
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
+        if need_w or any(need_deltas):
+            if any(need_deltas) and not ctx.layer.sparse_optimizer_attached:
+                raise RuntimeError(ROUTING_ERROR)
+            grad_weight = g2.T @ x.reshape(-1, x.shape[-1]).to(dtype)  # ∂L/∂W: out × in
+            if need_w:
+                grad_w = grad_weight.to(weight.dtype)
+            grad_weight = grad_weight.float()
+        if need_b:
+            grad_b = g2.sum(0).to(ctx.bias_dtype)
+        grad_deltas = [pair.rotate(grad_weight) if need else None for pair, need in zip(ctx.pairs, need_deltas)]
+        return (grad_x, grad_w, grad_b, None, None, None, *grad_deltas)
+
+
+class SparseGradLayer(BaseTunerLayer):
+    """Adapter state of one layer; ``SparseGradLinear`` adds forward/merge."""
+
+    adapter_layer_names = ("sparsegrad_delta",)
+    other_param_names = ("sparsegrad_k", "sparsegrad_keep_ratio", "sparsegrad_bases", "sparsegrad_type")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.sparsegrad_delta = nn.ParameterDict({})  # adapter -> ΔW' (out × in, float32)
+        self.sparsegrad_k: dict[str, int] = {}  # adapter -> k = ⌈keep_ratio · out · in⌉
+        self.sparsegrad_keep_ratio: dict[str, float] = {}
+        self.sparsegrad_bases: dict[str, Optional[BasisPair]] = {}  # None until loaded from a checkpoint
+        self.sparsegrad_type: dict[str, str] = {}  # adapter -> layer type key (shares bases)
+        self._delta_cache: dict[str, tuple[tuple, Optional[torch.Tensor]]] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        #: set by SparseGradCallback / create_sparsegrad_optimizer; backward refuses to produce ΔW' gradients otherwise
+        self.sparse_optimizer_attached = False
+        base = self.get_base_layer()
+        self.out_features, self.in_features = weight_shape(base)
+        self.is_conv1d = is_conv1d(base)
+        self.kwargs = kwargs
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        keep_ratio: float,
+        bases: Optional[BasisPair],
+        layer_type: str,
+        init_weights: bool = True,
+        inference_mode: bool = False,
+    ) -> None:
+        if not 0.0 < keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
+        weight = self.get_base_layer().weight
+        shape = (self.out_features, self.in_features)
+        if init_weights:
+            delta = torch.zeros(shape, dtype=torch.float32, device=weight.device)
+        else:  # tests only: a non-trivial adapter without training
+            delta = torch.randn(shape, dtype=torch.float32, device=weight.device) * 0.02
+        self.sparsegrad_delta[adapter_name] = nn.Parameter(delta)
+        self.sparsegrad_k[adapter_name] = max(1, math.ceil(keep_ratio * shape[0] * shape[1]))
+        self.sparsegrad_keep_ratio[adapter_name] = keep_ratio
+        self.sparsegrad_bases[adapter_name] = bases
+        self.sparsegrad_type[adapter_name] = layer_type
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Device only: ΔW' stays float32 on bf16/fp16 base models (small updates would vanish in half precision)."""
+        if device is None:
+            device = self.get_base_layer().weight.device
+        delta = self.sparsegrad_delta[adapter_name] if adapter_name in self.sparsegrad_delta else None
+        if delta is not None and delta.device != device and delta.device.type != "meta":
+            self.sparsegrad_delta[adapter_name] = nn.Parameter(delta.data.to(device), requires_grad=delta.requires_grad)
+
+    def pair(self, adapter_name: str, device: torch.device) -> BasisPair:
+        pair = self.sparsegrad_bases[adapter_name]
+        if pair is None:
+            raise ValueError(
+                f"Adapter '{adapter_name}' has no bases: they come from the saved adapter weights. Load it with "
+                "PeftModel.from_pretrained (after `import peft_sparsegrad`) or create it with calibration data."
+            )
+        return pair.to(device)
+
+    @torch.no_grad()
+    def delta_weight(self, adapter_name: str, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+        """ΔW = U_out ΔW' U_inᵀ (out × in) in ``dtype``, recomputed only when ΔW' changed; None while ΔW' = 0."""
+        delta = self.sparsegrad_delta[adapter_name]
+        key = (delta._version, delta.data_ptr(), dtype, device)
+        cached = self._delta_cache.get(adapter_name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        value = None
+        if delta.any():
+            value = self.pair(adapter_name, device).unrotate(delta.detach().to(device, torch.float32)).to(dtype)
+        self._delta_cache[adapter_name] = (key, value)
+        return value
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔW in the base layer's own layout (in × out for Conv1D) and dtype: what merge adds."""
+        weight = self.get_base_layer().weight
+        delta = self.pair(adapter_name, weight.device).unrotate(self.sparsegrad_delta[adapter_name].detach().float())
+        return (delta.T if self.is_conv1d else delta).to(weight.dtype)
+
+
+class SparseGradLinear(nn.Module, SparseGradLayer):
+    """A torch.nn.Linear or transformers Conv1D trained with SparseGrad."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        keep_ratio: float,
+        bases: Optional[BasisPair],
+        layer_type: str,
+        init_weights: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        SparseGradLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, keep_ratio, bases, layer_type, init_weights)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """W += U_out ΔW' U_inᵀ for each adapter (computed in float32, stored in the base weight's dtype)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        weight = self.get_base_layer().weight
+        for name in adapter_names:
+            if name not in self.sparsegrad_delta:
+                continue
+            merged = weight.data.float() + self.get_delta_weight(name).float()
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            weight.data.copy_(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.sparsegrad_delta:
+                weight.data.copy_((weight.data.float() - self.get_delta_weight(name).float()).to(weight.dtype))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.sparsegrad_delta]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        weight = base_weight_as_out_in(base)  # out × in
+        delta_weight = None
+        for name in active:
+            d = self.delta_weight(name, weight.dtype, weight.device)
+            if d is not None:
+                delta_weight = d if delta_weight is None else delta_weight + d
+        pairs = [self.pair(name, weight.device) for name in active]
+        deltas = [self.sparsegrad_delta[name] for name in active]
+        return _SparseGradLinearFunction.apply(x, weight, base.bias, delta_weight, self, pairs, *deltas)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "sparsegrad." + super().__repr__()

@@ -1,0 +1,200 @@
+"""SparseGradModel: the PEFT tuner. Resolves and validates targets, obtains bases (calibration, identity, file or
+checkpoint) *before* touching the model, swaps in SparseGradLinear, and stores adapters sparsely.
+
+Saved format (adapter_model.safetensors), per adapted layer ``<m>``:
+``<m>.sparsegrad_indices`` (int32, 2 × nnz: row, column of ΔW') and ``<m>.sparsegrad_values`` (float32, nnz), plus the
+bases once per layer type: ``sparsegrad_bases.<type>.U_out`` / ``.U_in`` (float32, absent for identity/MeProp).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .bases import BasisPair, SparseGradBases, bases_key, load_bases, split_bases_key
+from .calibration import collect_bases
+from .config import SparseGradConfig
+from .layer import SparseGradLayer, SparseGradLinear
+from .registration import PREFIX
+from .targets import DEFAULT_TARGET_MODULES, assign_layer_types, find_target_modules, resolve_default_targets, \
+    weight_shape
+
+_PEFT_PREFIX = "base_model.model."
+
+NO_BASES_ERROR = (
+    "SparseGrad needs bases U_out, U_in. Either pass calibration_dataloader=<iterable of batches with labels> "
+    "(calibrates on calibration_steps batches), bases='identity' (MeProp, no data), bases=<path to a bases file from "
+    "save_bases / `sparsegrad calibrate`, or to a saved SparseGrad adapter>, or precomputed_bases=<SparseGradBases>."
+)
+
+
+class SparseGradModel(BaseTuner):
+    """Creates a SparseGrad model from a pretrained transformers model (use ``peft.get_peft_model``).
+
+    Example::
+
+        >>> import peft_sparsegrad
+        >>> from peft import get_peft_model
+        >>> config = peft_sparsegrad.SparseGradConfig(calibration_dataloader=loader, task_type="SEQ_CLS")
+        >>> model = get_peft_model(base_model, config)
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = SparseGradLayer
+    target_module_mapping = {model_type: targets for model_type, (targets, _) in DEFAULT_TARGET_MODULES.items()}
+
+    def _prepare_adapter_config(self, peft_config: SparseGradConfig, model_config: dict) -> SparseGradConfig:
+        resolve_default_targets(peft_config, model_config.get("model_type"))
+        return peft_config
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        # Everything that can fail on user input happens here, before PEFT replaces a single module. This also runs
+        # for PeftModel.add_adapter, which (unlike __init__) calls no pre-injection hook.
+        config = self.peft_config[adapter_name]
+        self._prepare_adapter_config(config, self.get_model_config(model))
+        targets = find_target_modules(model, config)
+        shapes = {name: weight_shape(m.get_base_layer() if hasattr(m, "get_base_layer") else m)
+                  for name, m in targets.items()}
+        layer_types = assign_layer_types(shapes)
+        pairs = self._obtain_bases(model, config, targets, layer_types, shapes)
+        self._injection = (layer_types, pairs)
+        try:
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
+        finally:
+            del self._injection
+        config.calibration_dataloader = None  # consumed; don't keep the data alive with the model
+
+    @staticmethod
+    def _obtain_bases(model, config, targets, layer_types, shapes) -> dict[str, Optional[BasisPair]]:
+        types = set(layer_types.values())
+        if config.precomputed_bases is not None:
+            if not isinstance(config.precomputed_bases, SparseGradBases):
+                raise TypeError("precomputed_bases must be a SparseGradBases (from peft_sparsegrad.calibrate).")
+            config.precomputed_bases.check_compatible(layer_types, shapes)
+            return {t: config.precomputed_bases.pairs[t] for t in types}
+        if config.bases == "identity":
+            identity = BasisPair(None, None)
+            return {t: identity for t in types}
+        if config.bases == "checkpoint":
+            return {t: None for t in types}  # filled by _remap_adapter_state_dict_for_load
+        if config.bases == "calibrate":
+            if config.calibration_dataloader is None:
+                raise ValueError(NO_BASES_ERROR)
+            bases = collect_bases(model, targets, config.calibration_dataloader, config.calibration_steps,
+                                  config.basis_method)
+            return {t: bases.pairs[t] for t in types}
+        bases = load_bases(config.bases)
+        bases.check_compatible(layer_types, shapes)
+        return {t: bases.pairs[t] for t in types}
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        layer_types, pairs = self._injection
+        layer_type = layer_types[current_key]
+        args = (peft_config.keep_ratio, pairs[layer_type], layer_type, peft_config.init_weights)
+        if isinstance(target, SparseGradLinear):
+            target.update_layer(adapter_name, *args)
+            return
+        new_module = SparseGradLinear(target, adapter_name, *args)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added, inactive adapter is not trainable
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # Unlike BaseTuner's version, never copy `.weight` onto the new module: on unload the "new module" may be a
+        # head without a weight (RoBERTa's classification head inside ModulesToSaveWrapper).
+        setattr(parent, child_name, new_module)
+        if hasattr(child, "base_layer"):
+            child = child.base_layer
+        weight = getattr(child, "weight", None)
+        if weight is not None and weight.device.type != "meta":
+            for name, module in new_module.named_modules():
+                if self.prefix in name:
+                    module.to(weight.device)
+
+    def sparsegrad_layers(self) -> list[SparseGradLinear]:
+        return [m for m in self.model.modules() if isinstance(m, SparseGradLinear)]
+
+    # ---- checkpoint format -------------------------------------------------------------------------------------
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        out: dict[str, torch.Tensor] = {}
+        for key, value in selected.items():
+            head, sep, tail = key.rpartition(".sparsegrad_delta.")
+            if not sep:
+                out[key] = value
+                continue
+            rows, cols = torch.nonzero(value, as_tuple=True)  # the sparse change of W'
+            out[f"{head}.sparsegrad_indices.{tail}"] = torch.stack([rows, cols]).to(torch.int32)
+            out[f"{head}.sparsegrad_values.{tail}"] = value[rows, cols].float().contiguous()
+        prefix = _PEFT_PREFIX if any(k.startswith(_PEFT_PREFIX) for k in state_dict) else ""
+        for module in model.modules():
+            if not isinstance(module, SparseGradLayer) or adapter_name not in module.sparsegrad_delta:
+                continue
+            pair = module.sparsegrad_bases[adapter_name]
+            if pair is None:
+                raise ValueError(f"Adapter '{adapter_name}' has no bases loaded; nothing consistent can be saved.")
+            if not pair.is_identity:
+                layer_type = module.sparsegrad_type[adapter_name]
+                out[bases_key(layer_type, "U_out", prefix)] = pair.U_out.detach().float().cpu().contiguous()
+                out[bases_key(layer_type, "U_in", prefix)] = pair.U_in.detach().float().cpu().contiguous()
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        state_dict = dict(state_dict)
+        layers = {name.removeprefix(_PEFT_PREFIX): m for name, m in model.named_modules()
+                  if isinstance(m, SparseGradLayer) and adapter_name in m.sparsegrad_delta}
+        loaded: dict[str, dict[str, torch.Tensor]] = {}
+        for key in [k for k in state_dict if split_bases_key(k)[0] is not None]:
+            layer_type, name = split_bases_key(key)
+            loaded.setdefault(layer_type, {})[name] = state_dict.pop(key)
+        pairs = {t: BasisPair(d["U_out"].float(), d["U_in"].float()) for t, d in loaded.items()}
+        new_bases: dict[str, BasisPair] = {}
+        for name, layer in layers.items():
+            layer_type = layer.sparsegrad_type[adapter_name]
+            pair = pairs.get(layer_type)
+            if pair is None:
+                if layer.sparsegrad_bases[adapter_name] is None:
+                    raise ValueError(f"The checkpoint has no bases for layer type '{layer_type}' (module '{name}'): "
+                                     "it was saved for another model or target_modules.")
+                continue
+            if (pair.U_out.shape[0], pair.U_in.shape[0]) != (layer.out_features, layer.in_features):
+                raise ValueError(
+                    f"The checkpoint's bases for '{layer_type}' are {tuple(pair.U_out.shape)}, {tuple(pair.U_in.shape)} "
+                    f"but module '{name}' is {layer.out_features} × {layer.in_features}: this adapter was trained on "
+                    "a base model with other shapes."
+                )
+            new_bases[name] = pair
+        dense: dict[str, torch.Tensor] = {}
+        for key in [k for k in state_dict if k.endswith(".sparsegrad_indices")]:
+            head = key.removesuffix(".sparsegrad_indices")
+            indices = state_dict.pop(key).long()
+            values = state_dict.pop(f"{head}.sparsegrad_values")
+            layer = layers.get(head.removeprefix(_PEFT_PREFIX))
+            if layer is None:
+                raise ValueError(f"The checkpoint adapts '{head}', which is not a SparseGrad layer of this model.")
+            shape = (layer.out_features, layer.in_features)
+            if indices.numel() and (indices[0].max() >= shape[0] or indices[1].max() >= shape[1]):
+                raise ValueError(f"The checkpoint's ΔW' for '{head}' does not fit the module's {shape[0]} × {shape[1]} "
+                                 "weight: this adapter was trained on a base model with other shapes.")
+            delta = torch.zeros(shape, dtype=torch.float32)
+            delta[indices[0], indices[1]] = values.float()
+            dense[f"{head}.sparsegrad_delta"] = delta
+        # all checks passed: now change the model
+        for name, pair in new_bases.items():
+            layers[name].sparsegrad_bases[adapter_name] = pair.to(layers[name].get_base_layer().weight.device)
+            layers[name]._delta_cache.pop(adapter_name, None)
+        state_dict.update(dense)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
