@@ -10,6 +10,8 @@ from .bases import BasisPair, SparseGradBases, load_bases, save_bases
 from .calibration import calibrate
 from .layer import SparseGradLayer, SparseGradLinear
 from .model import SparseGradModel
+from .optim import SparseGradOptimizer, create_sparsegrad_optimizer, sparse_step
+from .callback import SparseGradCallback
 
 register_sparsegrad(SparseGradConfig, SparseGradModel)
 
@@ -23,6 +25,10 @@ __all__ = [
     "SparseGradLayer",
     "SparseGradLinear",
     "SparseGradModel",
+    "SparseGradOptimizer",
+    "SparseGradCallback",
+    "create_sparsegrad_optimizer",
+    "sparse_step",
     "calibrate",
     "load_bases",
     "save_bases",

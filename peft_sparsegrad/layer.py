@@ -44,10 +44,10 @@ class _SparseGradLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta_weight, layer, pairs, *deltas):
+    def forward(ctx, x, weight, bias, delta_weight, pairs, *deltas):
         w_eff = weight if delta_weight is None else weight + delta_weight
         ctx.save_for_backward(x, weight, delta_weight)
-        ctx.layer, ctx.pairs = layer, pairs
+        ctx.pairs, ctx.deltas = pairs, deltas
         ctx.bias_dtype = None if bias is None else bias.dtype
         return F.linear(x, w_eff, bias)
 
@@ -55,7 +55,7 @@ class _SparseGradLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, delta_weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_deltas = ctx.needs_input_grad[6:]
+        need_deltas = ctx.needs_input_grad[5:]
         dtype = grad_out.dtype
         grad_x = grad_w = grad_b = None
         if need_x:
@@ -63,7 +63,7 @@ class _SparseGradLinearFunction(torch.autograd.Function):
             grad_x = (grad_out @ w_eff.to(dtype)).to(x.dtype)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
         if need_w or any(need_deltas):
-            if any(need_deltas) and not ctx.layer.sparse_optimizer_attached:
+            if any(need and not getattr(d, "sparsegrad_routed", False) for d, need in zip(ctx.deltas, need_deltas)):
                 raise RuntimeError(ROUTING_ERROR)
             grad_weight = g2.T @ x.reshape(-1, x.shape[-1]).to(dtype)  # ∂L/∂W: out × in
             if need_w:
@@ -72,7 +72,7 @@ class _SparseGradLinearFunction(torch.autograd.Function):
         if need_b:
             grad_b = g2.sum(0).to(ctx.bias_dtype)
         grad_deltas = [pair.rotate(grad_weight) if need else None for pair, need in zip(ctx.pairs, need_deltas)]
-        return (grad_x, grad_w, grad_b, None, None, None, *grad_deltas)
+        return (grad_x, grad_w, grad_b, None, None, *grad_deltas)
 
 
 class SparseGradLayer(BaseTunerLayer):
@@ -91,8 +91,6 @@ class SparseGradLayer(BaseTunerLayer):
         self._delta_cache: dict[str, tuple[tuple, Optional[torch.Tensor]]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        #: set by SparseGradCallback / create_sparsegrad_optimizer; backward refuses to produce ΔW' gradients otherwise
-        self.sparse_optimizer_attached = False
         base = self.get_base_layer()
         self.out_features, self.in_features = weight_shape(base)
         self.is_conv1d = is_conv1d(base)
@@ -115,8 +113,8 @@ class SparseGradLayer(BaseTunerLayer):
             delta = torch.zeros(shape, dtype=torch.float32, device=weight.device)
         else:  # tests only: a non-trivial adapter without training
             delta = torch.randn(shape, dtype=torch.float32, device=weight.device) * 0.02
-        self.sparsegrad_delta[adapter_name] = nn.Parameter(delta)
         self.sparsegrad_k[adapter_name] = max(1, math.ceil(keep_ratio * shape[0] * shape[1]))
+        self._register_delta(adapter_name, delta)
         self.sparsegrad_keep_ratio[adapter_name] = keep_ratio
         self.sparsegrad_bases[adapter_name] = bases
         self.sparsegrad_type[adapter_name] = layer_type
@@ -127,8 +125,19 @@ class SparseGradLayer(BaseTunerLayer):
         if device is None:
             device = self.get_base_layer().weight.device
         delta = self.sparsegrad_delta[adapter_name] if adapter_name in self.sparsegrad_delta else None
-        if delta is not None and delta.device != device and delta.device.type != "meta":
-            self.sparsegrad_delta[adapter_name] = nn.Parameter(delta.data.to(device), requires_grad=delta.requires_grad)
+        if delta is None:
+            return
+        if delta.device != device and delta.device.type != "meta":
+            self._register_delta(adapter_name, delta.data.to(device), delta.requires_grad)
+        else:  # e.g. after load_state_dict(assign=True) replaced the Parameter object
+            delta.sparsegrad_k = self.sparsegrad_k[adapter_name]
+
+    def _register_delta(self, adapter_name: str, data: torch.Tensor, requires_grad: bool = True) -> None:
+        param = nn.Parameter(data, requires_grad=requires_grad)
+        # Marks ΔW' for the sparse optimizer. ``sparsegrad_routed`` is set by whatever will apply the top-k update
+        # (SparseGradOptimizer, SparseGradCallback); backward refuses to produce ΔW' gradients without it.
+        param.sparsegrad_k = self.sparsegrad_k[adapter_name]
+        self.sparsegrad_delta[adapter_name] = param
 
     def pair(self, adapter_name: str, device: torch.device) -> BasisPair:
         pair = self.sparsegrad_bases[adapter_name]
@@ -220,7 +229,7 @@ class SparseGradLinear(nn.Module, SparseGradLayer):
                 delta_weight = d if delta_weight is None else delta_weight + d
         pairs = [self.pair(name, weight.device) for name in active]
         deltas = [self.sparsegrad_delta[name] for name in active]
-        return _SparseGradLinearFunction.apply(x, weight, base.bias, delta_weight, self, pairs, *deltas)
+        return _SparseGradLinearFunction.apply(x, weight, base.bias, delta_weight, pairs, *deltas)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False

@@ -47,6 +47,8 @@ __all__ = [
     "SparseGradOptimizer",
     "build_param_groups",
     "state_indices",
+    "sparsegrad_parameters",
+    "create_sparsegrad_optimizer",
 ]
 
 SPARSE_MODES = ("adamw", "sparse_adam", "sgd")
@@ -340,9 +342,25 @@ class SparseGradOptimizer(torch.optim.Optimizer):
         self.last_stats: dict[str, float] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "sparsegrad_k" not in param_group:
+            # Groups built without SparseGrad in mind (Trainer's optimizer_cls_and_kwargs) may contain ΔW'
+            # parameters, recognisable by their ``sparsegrad_k`` attribute: give each its own sparse group, without
+            # the dense group's weight decay (a decoupled decay of ΔW' is opt-in through "sparse_weight_decay").
+            params = param_group["params"]
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            sparse = [p for p in params if hasattr(p, "sparsegrad_k")]
+            if sparse:
+                options = {k: v for k, v in param_group.items() if k not in ("params", "weight_decay")}
+                for p in sparse:
+                    self.add_param_group({**options, "params": [p], "sparsegrad_k": p.sparsegrad_k,
+                                          "weight_decay": param_group.get("sparse_weight_decay", 0.0)})
+                param_group = {**param_group, "params": [p for p in params if not hasattr(p, "sparsegrad_k")]}
+                if not param_group["params"]:
+                    return
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if "sparsegrad_k" in group:
+            group["params"][0].sparsegrad_routed = True  # this optimizer applies the top-k update
             _check_mode(group["mode"])
             if len(group["params"]) != 1:
                 raise ValueError("a 'sparsegrad_k' group must hold exactly one parameter")
@@ -456,3 +474,47 @@ def build_param_groups(
     if no_decay:
         groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
     return groups
+
+
+def sparsegrad_parameters(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, int]]:
+    """(ΔW', k) of every trainable SparseGrad adapter tensor of ``model`` (found through the layers, not names)."""
+    from .layer import SparseGradLayer
+
+    found = []
+    for module in model.modules():
+        if isinstance(module, SparseGradLayer):
+            for name, param in module.sparsegrad_delta.items():
+                if param.requires_grad:
+                    param.sparsegrad_k = module.sparsegrad_k[name]
+                    found.append((param, module.sparsegrad_k[name]))
+    return found
+
+
+def create_sparsegrad_optimizer(
+    model: torch.nn.Module,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    mode: str | None = None,
+    sparse_lr: float | None = None,
+    sparse_weight_decay: float = 0.0,
+) -> SparseGradOptimizer:
+    """One optimizer for a SparseGrad PeftModel: top-k updates of every ΔW', AdamW for all other trainable
+    parameters (classifier heads, ``modules_to_save``). ``mode`` defaults to the config's ``sparse_optimizer``.
+
+    Use it in a plain loop, or with the Trainer as ``Trainer(..., optimizers=(opt, None))``.
+    """
+    sparse = sparsegrad_parameters(model)
+    if not sparse:
+        raise ValueError("The model has no trainable SparseGrad parameters: build it with get_peft_model and a "
+                         "SparseGradConfig (and don't load it with is_trainable=False).")
+    if mode is None:
+        configs = getattr(model, "peft_config", {})
+        mode = next((c.sparse_optimizer for c in configs.values() if hasattr(c, "sparse_optimizer")), "adamw")
+    sparse_ids = {id(p) for p, _ in sparse}
+    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in sparse_ids]
+    groups = build_param_groups(sparse, dense, lr=lr, weight_decay=weight_decay, sparse_lr=sparse_lr,
+                                sparse_weight_decay=sparse_weight_decay, mode=mode)
+    return SparseGradOptimizer(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, mode=mode)
