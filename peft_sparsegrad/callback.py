@@ -28,8 +28,9 @@ from .optim import SPARSE_MODES, SparseGradOptimizer, _sparse_step_impl, sparseg
 
 
 def _unwrap(optimizer: Any) -> Any:
-    """accelerate's AcceleratedOptimizer wraps the real optimizer in ``.optimizer``."""
-    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+    """accelerate's AcceleratedOptimizer wraps the real optimizer in ``.optimizer``. It is itself a
+    ``torch.optim.Optimizer`` subclass, so unwrap while the wrapped object is an optimizer."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
 

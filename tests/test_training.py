@@ -1,0 +1,267 @@
+"""SparseGrad with the Hugging Face Trainer: routing, LR schedule, clipping, accumulation, resume, precision,
+activation checkpointing, logging and weight decay. Tiny random BERT (hidden 32, 2 layers, dropout 0), in-memory data."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import PeftModel, get_peft_model
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+
+import peft_sparsegrad
+import peft_sparsegrad.callback as sg_callback
+import peft_sparsegrad.optim as sg_optim
+from peft_sparsegrad import SparseGradCallback, SparseGradConfig, SparseGradOptimizer, create_sparsegrad_optimizer
+from peft_sparsegrad.optim import sparse_step, sparsegrad_parameters, state_indices
+
+VOCAB, SEQ, KEEP_RATIO = 64, 8, 0.05
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: one intra-op thread is fastest and avoids oversubscribing a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tensors(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A learnable toy task: the label is whether the first token is in the lower half of the vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, SEQ), generator=gen)
+    labels = (ids[:, 0] < VOCAB // 2).long()
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _dataset(n: int = 32, seed: int = 0) -> Dataset:
+    return Dataset.from_dict({k: v.tolist() for k, v in _tensors(n, seed).items()})
+
+
+def _base(seed: int = 0, dtype: torch.dtype | None = None) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=SEQ, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, num_labels=2)
+    base = BertForSequenceClassification(config)
+    return base if dtype is None else base.to(dtype)
+
+
+def _model(seed: int = 0, *, dtype: torch.dtype | None = None, bases: str = "calibrate", **config_kwargs):
+    """The same SparseGrad PeftModel for the same seed: same random base, same calibration batches, same bases."""
+    base = _base(seed, dtype)
+    data = _tensors(8, seed=1234)
+    calibration = [{k: v[i * 4:(i + 1) * 4] for k, v in data.items()} for i in range(2)]
+    config = SparseGradConfig(calibration_dataloader=calibration if bases == "calibrate" else None,
+                              calibration_steps=2, bases=bases, task_type="SEQ_CLS", modules_to_save=["classifier"],
+                              keep_ratio=KEEP_RATIO, **config_kwargs)
+    return get_peft_model(base, config)
+
+
+def _args(tmp_path, **kwargs) -> TrainingArguments:
+    defaults = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                    save_strategy="no", logging_steps=1, per_device_train_batch_size=8, max_steps=6,
+                    learning_rate=1e-2, lr_scheduler_type="constant", dataloader_num_workers=0)
+    defaults.update(kwargs)
+    return TrainingArguments(**defaults)
+
+
+def _deltas(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p, _ in sparsegrad_parameters(model)]
+
+
+def _classifier(model) -> list[torch.Tensor]:
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    return [head.weight.detach().clone(), head.bias.detach().clone()]
+
+
+def _assert_close_lists(a, b, atol=0.0, rtol=0.0):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=atol, rtol=rtol)
+
+
+def _differs(a, b, tol=1e-7) -> bool:
+    return any((x - y).abs().max().item() > tol for x, y in zip(a, b))
+
+
+def _train(tmp_path, model=None, callbacks=None, trainer_kwargs=None, train_kwargs=None, n_train=32, **args):
+    model = _model() if model is None else model
+    trainer = Trainer(model=model, args=_args(tmp_path, **args), train_dataset=_dataset(n_train),
+                      callbacks=[SparseGradCallback()] if callbacks is None else callbacks, **(trainer_kwargs or {}))
+    trainer.train(**(train_kwargs or {}))
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. end to end with the plain Trainer + callback
+
+
+def test_trainer_with_callback_trains(tmp_path):
+    model = _model()
+    initial = _deltas(model)
+    trainer = _train(tmp_path, model, max_steps=20, learning_rate=3e-2, n_train=16)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 20
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+    assert _differs(_deltas(model), initial)
+
+    inner = sg_callback._unwrap(trainer.optimizer)
+    assert isinstance(inner, torch.optim.AdamW) and not isinstance(inner, SparseGradOptimizer)
+    for param, k in sparsegrad_parameters(model):
+        state = inner.state[param]
+        assert state, "the callback keeps ΔW' state in the Trainer optimizer's state"
+        # lean "adamw" mode: moments only on the support, never tensors shaped like the weight
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                assert value.shape != param.shape, key
+        support = state_indices(state, param)
+        assert state["exp_avg"].shape == (support.numel(),)
+        assert k <= support.numel() < param.numel()
+        assert param.grad is None
+    for param in model.base_model.model.classifier.modules_to_save["default"].parameters():
+        assert inner.state[param]["exp_avg"].shape == param.shape  # the head trains with the Trainer's AdamW
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. without the callback: loud failure, never dense training
+
+
+def test_trainer_without_callback_fails(tmp_path):
+    model = _model()
+    initial = _deltas(model)
+    with pytest.raises(RuntimeError, match="SparseGradCallback"):
+        _train(tmp_path, model, callbacks=[])
+    _assert_close_lists(_deltas(model), initial)  # nothing was applied
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. a SparseGradOptimizer given to the Trainer
+
+
+def _first_step_changes(tmp_path, make_trainer_kwargs):
+    model = _model()
+    initial = _deltas(model)
+    trainer = _train(tmp_path, model, callbacks=[SparseGradCallback()], trainer_kwargs=make_trainer_kwargs(model),
+                     max_steps=1)
+    assert isinstance(sg_callback._unwrap(trainer.optimizer), SparseGradOptimizer)
+    changed = [int((after != before).sum()) for after, before in zip(_deltas(model), initial)]
+    ks = [k for _, k in sparsegrad_parameters(model)]
+    assert all(0 < c <= k for c, k in zip(changed, ks)), (changed, ks)
+    return trainer
+
+
+def test_trainer_with_sparsegrad_optimizer(tmp_path):
+    # mode "sgd" differs from the config's "adamw": the optimizer's own mode must be used (the callback only logs)
+    trainer = _first_step_changes(
+        tmp_path, lambda model: {"optimizers": (create_sparsegrad_optimizer(model, lr=1e-2, mode="sgd"), None)})
+    opt = sg_callback._unwrap(trainer.optimizer)
+    for param, _ in sparsegrad_parameters(trainer.model):
+        assert "exp_avg" not in opt.state[param] and opt.state[param]["step"] == 1  # sgd layout, one step
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SparseGradCallback))
+    assert callback._delegated is opt
+    assert 0 < trainer.state.log_history[0]["sparsegrad/kept_energy"] <= 1
+
+
+def test_trainer_with_optimizer_cls_and_kwargs(tmp_path):
+    trainer = _first_step_changes(
+        tmp_path, lambda model: {"optimizer_cls_and_kwargs": (SparseGradOptimizer, {"lr": 1e-2, "mode": "adamw"})})
+    opt = sg_callback._unwrap(trainer.optimizer)
+    sparse_groups = [g for g in opt.param_groups if "sparsegrad_k" in g]
+    assert len(sparse_groups) == 4 and all(g["weight_decay"] == 0.0 for g in sparse_groups)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. the Trainer's LR schedule and max_grad_norm apply to ΔW'
+
+
+class _UpdateSizes(TrainerCallback):
+    """Norm of the ΔW' change made by each optimizer step."""
+
+    def __init__(self, model):
+        self.model, self.sizes = model, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.before = _deltas(self.model)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.sizes.append(sum((a - b).norm().item() for a, b in zip(_deltas(self.model), self.before)))
+
+
+def test_lr_schedule_applies_to_sparse_params(tmp_path, monkeypatch):
+    lrs = []
+    real = sg_callback._sparse_step_impl
+
+    def spy(*args, **kwargs):
+        lrs.append(kwargs["lr"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sg_callback, "_sparse_step_impl", spy)
+    model = _model()
+    sizes = _UpdateSizes(model)
+    trainer = _train(tmp_path, model, callbacks=[SparseGradCallback(), sizes], max_steps=8, learning_rate=0.05,
+                     warmup_steps=5, lr_scheduler_type="linear")
+    per_step = [lrs[i:i + 4] for i in range(0, len(lrs), 4)]
+    assert len(per_step) == 8 and all(len(set(s)) == 1 for s in per_step)
+    scheduled = [h["learning_rate"] for h in trainer.state.log_history if "loss" in h]
+    assert [s[0] for s in per_step] == pytest.approx(scheduled, abs=1e-12)
+    assert per_step[0][0] == 0.0 and per_step[5][0] == pytest.approx(0.05)
+    assert sizes.sizes[0] == 0.0  # warmup starts at lr 0: ΔW' does not move
+    assert 0 < sizes.sizes[1] < sizes.sizes[4]
+
+    monkeypatch.setattr(sg_callback, "_sparse_step_impl", real)
+    constant, linear = _model(), _model()
+    _train(tmp_path, constant, lr_scheduler_type="constant")
+    _train(tmp_path, linear, lr_scheduler_type="linear")
+    assert _differs(_deltas(constant), _deltas(linear))
+
+
+def test_max_grad_norm_covers_sparse_params(tmp_path):
+    clipped, unclipped = _model(), _model()
+    _train(tmp_path, clipped, callbacks=[SparseGradCallback(mode="sgd")], max_grad_norm=1e-6)
+    _train(tmp_path, unclipped, callbacks=[SparseGradCallback(mode="sgd")], max_grad_norm=0.0)
+    assert _differs(_deltas(clipped), _deltas(unclipped))
+    assert max(d.abs().max().item() for d in _deltas(clipped)) < 1e-6  # lr 1e-2 · |g| ≤ 1e-6
+
+
+def test_trainer_matches_plain_loop_with_global_clipping(tmp_path):
+    """Trainer + callback (sgd mode, constant LR, max_grad_norm) == plain loop: clip_grad_norm_ over ALL trainable
+    parameters, then the sparse step on ΔW' and torch AdamW on the head."""
+    lr, max_norm, steps = 0.05, 0.05, 4
+    model = _model()
+    trainer = _train(tmp_path, model, callbacks=[SparseGradCallback(mode="sgd")], max_steps=steps,
+                     learning_rate=lr, max_grad_norm=max_norm, train_sampling_strategy="sequential")
+    norms = [h["grad_norm"] for h in trainer.state.log_history if "loss" in h]
+    assert all(n > max_norm for n in norms)  # clipping really acted
+
+    ref = _model()
+    ref.train()
+    sparse = sparsegrad_parameters(ref)
+    head = list(ref.base_model.model.classifier.modules_to_save["default"].parameters())
+    adamw = torch.optim.AdamW(head, lr=lr, weight_decay=0.0, fused=True)  # the Trainer's default "adamw_torch_fused"
+    for p, _ in sparse:
+        p.sparsegrad_routed = True
+    states = [{} for _ in sparse]
+    data = _tensors(32)
+    for step in range(steps):
+        batch = {k: v[step * 8:(step + 1) * 8] for k, v in data.items()}
+        ref(**batch).loss.backward()
+        trainable = [p for p in ref.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+        for (p, k), state in zip(sparse, states):
+            sparse_step(p.data, p.grad, state, k=k, lr=lr, mode="sgd")
+            p.grad = None
+        adamw.step()
+        ref.zero_grad()
+    _assert_close_lists(_deltas(model), _deltas(ref), atol=1e-6, rtol=1e-5)
+    # Adam normalises each entry: an entry with a near-zero gradient amplifies float rounding of the forward pass
+    _assert_close_lists(_classifier(model), _classifier(ref), atol=1e-5, rtol=1e-4)
