@@ -112,8 +112,6 @@ def collect_bases(
             handles.append(w.register_post_accumulate_grad_hook(make_hook(name)))
         bar = tqdm(total=steps, desc="SparseGrad calibration", disable=not progress, leave=False)
         for batch in dataloader:
-            if done == steps:
-                break
             loss = _loss_of(model, _to_device(batch, device), done)
             loss.backward()
             if non_finite:
@@ -123,6 +121,8 @@ def collect_bases(
                 )
             done += 1
             bar.update(1)
+            if done >= steps:  # stop before pulling another batch: an iterator keeps the rest for its owner
+                break
         bar.close()
     finally:
         for handle in handles:

@@ -1,0 +1,390 @@
+"""The math of SparseGrad: keep_ratio=1 ≡ full fine-tuning, top-k sparsity of one step, Gram vs tensorly bases,
+exactness of the layer (outputs, input/bias gradients, rotated weight gradient), calibration side effects, basis
+properties and dtypes, identity bases (MeProp)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+from peft import get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from conftest import (assert_same_snapshot, batch_list, batch_stream, build_model, inputs_only, logits,
+                      snapshot, sparsegrad_layers)
+from peft_sparsegrad import (BasisPair, SparseGradBases, SparseGradConfig, calibrate,
+                             create_sparsegrad_optimizer)
+from peft_sparsegrad.targets import layer_role
+
+
+def _random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))  # a proper Haar sample; not symmetric, so Q != Qᵀ
+    return q.float()
+
+
+def _mlp_weight_names(arch: str, model: nn.Module) -> list[str]:
+    """Names of the weights SparseGrad adapts by default (MLP only), in the plain model."""
+    suffixes = {"bert": (".intermediate.dense.weight", ".output.dense.weight"),
+                "gpt2": (".mlp.c_fc.weight", ".mlp.c_proj.weight")}[arch]
+    names = [n for n, _ in model.named_parameters()
+             if n.endswith(suffixes) and "attention" not in n]
+    assert len(names) == 4, names  # 2 blocks × 2 MLP layers
+    return names
+
+
+# ---- 1. keep_ratio = 1 with SGD is exactly full fine-tuning of the same weights --------------------------------
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_keep_ratio_one_sgd_equals_full_finetuning(arch):
+    """SparseGrad with keep_ratio=1 and mode='sgd' updates W' by -lr·U_outᵀ G U_in, i.e. W by -lr·G: plain SGD.
+
+    Choice documented here: *only* the MLP weights train in both models. The SparseGrad model is a plain PeftModel
+    (no task_type, modules_to_save=None, bias='none'), so the classifier / LM head stays frozen; the full-FT copy
+    freezes everything except the same four MLP weights (biases frozen too). create_sparsegrad_optimizer then holds
+    only ΔW' groups (a dense group would be AdamW, not SGD).
+    """
+    lr, steps = {"bert": 5.0, "gpt2": 0.5}[arch], 5  # BERT's classification gradients are small
+    base = build_model(arch)
+    full = copy.deepcopy(base)
+    names = _mlp_weight_names(arch, full)
+    for n, p in full.named_parameters():
+        p.requires_grad_(n in names)
+    sgd = torch.optim.SGD([p for p in full.parameters() if p.requires_grad], lr=lr)
+
+    config = SparseGradConfig(keep_ratio=1.0, calibration_steps=3, modules_to_save=None,
+                              calibration_dataloader=batch_stream(arch, seed=7))
+    model = get_peft_model(base, config)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".sparsegrad_delta." in n for n in trainable), trainable
+    assert len(trainable) == 4
+    opt = create_sparsegrad_optimizer(model, lr=lr, mode="sgd")
+    assert all("sparsegrad_k" in g for g in opt.param_groups)  # no dense (AdamW) group
+
+    for batch in batch_list(arch, steps, seed=3):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+        sgd.zero_grad()
+        full(**batch).loss.backward()
+        sgd.step()
+
+    merged = model.merge_and_unload()
+    assert not sparsegrad_layers(merged)
+    merged_params = dict(merged.named_parameters())
+    full_params = dict(full.named_parameters())
+    assert merged_params.keys() == full_params.keys()
+    initial = dict(build_model(arch).named_parameters())
+    for n, p in full_params.items():
+        if n in names:
+            moved = (p - initial[n]).abs().max().item()
+            assert moved > 1e-3, f"{n} barely trained ({moved}); the comparison would be vacuous"
+            torch.testing.assert_close(merged_params[n], p, atol=1e-5, rtol=0, msg=f"{n} differs from full FT")
+        else:
+            assert torch.equal(merged_params[n], p), f"{n} changed although it is frozen"
+
+
+# ---- 2. one step changes at most k entries of ΔW' ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["adamw", "sparse_adam", "sgd"])
+@pytest.mark.parametrize("keep_ratio", [0.01, 0.1])
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_one_step_changes_at_most_k_entries(arch, keep_ratio, mode):
+    model = get_peft_model(build_model(arch), SparseGradConfig(keep_ratio=keep_ratio, calibration_steps=2,
+                                                               calibration_dataloader=batch_stream(arch)))
+    layers = sparsegrad_layers(model)
+    assert len(layers) == 4
+    opt = create_sparsegrad_optimizer(model, lr=1e-2, mode=mode)
+    before = {n: m.sparsegrad_delta["default"].detach().clone() for n, m in layers.items()}
+    model(**next(batch_stream(arch, seed=5))).loss.backward()
+    grads = {n: m.sparsegrad_delta["default"].grad.clone() for n, m in layers.items()}
+    opt.step()
+    for n, m in layers.items():
+        out_f, in_f = m.out_features, m.in_features
+        k = math.ceil(keep_ratio * out_f * in_f)
+        assert m.sparsegrad_k["default"] == k
+        changed = (m.sparsegrad_delta["default"].detach() != before[n]).sum().item()
+        nonzero_grad = (grads[n] != 0).sum().item()
+        assert changed <= k, f"{n}: {changed} entries changed, k={k}"
+        assert changed == min(k, nonzero_grad), f"{n}: {changed} changed, k={k}, nnz(grad)={nonzero_grad}"
+        # and the changed entries are the largest |g|
+        idx = (m.sparsegrad_delta["default"].detach() != before[n]).flatten().nonzero().flatten()
+        kth = grads[n].abs().flatten().topk(k).values[-1]
+        assert (grads[n].abs().flatten()[idx] >= kth).all()
+
+
+# ---- 3. streaming Gram bases = tensorly HOSVD ------------------------------------------------------------------
+
+
+def _separated_prefixes(eigs: torch.Tensor, max_r: int = 6, rel_gap: float = 0.02) -> list[int]:
+    """r ≤ max_r such that λ_r − λ_{r+1} > rel_gap · λ_1 (the leading-r subspace is well defined)."""
+    eigs = eigs.double()
+    return [r for r in range(1, min(max_r, eigs.numel() - 1) + 1) if (eigs[r - 1] - eigs[r]) > rel_gap * eigs[0]]
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "t5"])
+def test_gram_bases_match_tensorly(arch):
+    model = build_model(arch)
+    gram = calibrate(model, SparseGradConfig(calibration_steps=3, basis_method="gram"),
+                     batch_stream(arch, seed=11), progress=False)
+    ref = calibrate(model, SparseGradConfig(calibration_steps=3, basis_method="tensorly"),
+                    batch_stream(arch, seed=11), progress=False)
+    assert gram.pairs.keys() == ref.pairs.keys()
+    assert len(gram.pairs) == (4 if arch == "t5" else 2)  # one type per MLP role (T5: encoder + decoder)
+    for layer_type, pair in gram.pairs.items():
+        rpair = ref.pairs[layer_type]
+        for side, (u, ur, eig, eig_ref) in {
+            "U_out": (pair.U_out, rpair.U_out, gram.eigenvalues[layer_type][0], ref.eigenvalues[layer_type][0]),
+            "U_in": (pair.U_in, rpair.U_in, gram.eigenvalues[layer_type][1], ref.eigenvalues[layer_type][1]),
+        }.items():
+            assert u.shape == ur.shape
+            n_ref = min(eig.numel(), eig_ref.numel(), 8)
+            torch.testing.assert_close(eig[:n_ref].double(), eig_ref[:n_ref].double(),
+                                       rtol=1e-4, atol=1e-6 * eig[0].item())
+            prefixes = _separated_prefixes(eig)
+            assert prefixes, f"{layer_type}.{side}: no eigengap among the leading eigenvalues {eig[:7]}"
+            for r in prefixes:
+                p = u[:, :r].double() @ u[:, :r].double().T
+                p_ref = ur[:, :r].double() @ ur[:, :r].double().T
+                dist = torch.linalg.matrix_norm(p - p_ref, ord=2).item()
+                assert dist < 1e-3, f"{layer_type}.{side}: leading-{r} subspaces differ (‖ΔP‖₂={dist:.2e})"
+            # columns individually separated on both sides: equal up to sign
+            r = prefixes[0]
+            if r == 1:
+                assert abs(torch.dot(u[:, 0].double(), ur[:, 0].double()).item()) == pytest.approx(1.0, abs=1e-5)
+
+
+# ---- 4. the layer is exact: outputs, input gradient, bias gradient, rotated weight gradient ---------------------
+
+
+class _TwoLayers(nn.Module):
+    """A Linear (24 -> 16) and a GPT-2 Conv1D (16 -> 24): SparseGrad's two supported layer kinds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(24, 16)
+        self.conv = Conv1D(24, 16)  # nf=24 outputs, nx=16 inputs; weight stored 16 × 24
+        nn.init.normal_(self.conv.weight, std=0.2)
+        nn.init.normal_(self.conv.bias, std=0.2)
+
+    def forward(self, x):
+        return self.conv(torch.tanh(self.fc(x)))
+
+
+def _plain_layer_with(layer, delta: torch.Tensor) -> nn.Module:
+    """A copy of the base layer whose weight is W + ΔW (in the base layer's own layout)."""
+    plain = copy.deepcopy(layer.get_base_layer())
+    with torch.no_grad():
+        plain.weight.add_(delta)
+    for p in plain.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    return plain
+
+
+@pytest.mark.parametrize("which", ["fc", "conv"])
+def test_layer_forward_and_gradients_exact(which):
+    torch.manual_seed(0)
+    net = _TwoLayers()
+    bases = SparseGradBases({"fc": BasisPair(_random_orthogonal(16, 1), _random_orthogonal(24, 2)),
+                             "conv": BasisPair(_random_orthogonal(24, 3), _random_orthogonal(16, 4))})
+    config = SparseGradConfig(target_modules=["fc", "conv"], precomputed_bases=bases, init_weights=False,
+                              bias="sparsegrad_only")
+    model = get_peft_model(net, config)
+    layer = sparsegrad_layers(model)[f"base_model.model.{which}"]
+    delta_prime = layer.sparsegrad_delta["default"]
+    assert delta_prime.abs().sum() > 0  # init_weights=False: a nonzero ΔW'
+    assert layer.get_base_layer().bias.requires_grad  # bias="sparsegrad_only"
+    assert not layer.get_base_layer().weight.requires_grad
+    create_sparsegrad_optimizer(model, lr=0.1)  # routes ΔW' (otherwise backward refuses)
+
+    delta = layer.get_delta_weight("default")
+    assert delta.shape == layer.get_base_layer().weight.shape
+    plain = _plain_layer_with(layer, delta)
+
+    in_features = 24 if which == "fc" else 16
+    out_features = 16 if which == "fc" else 24
+    x = torch.randn(3, 5, in_features, dtype=torch.float32)
+    upstream = torch.randn(3, 5, out_features)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+
+    y1 = layer(x1)
+    y2 = plain(x2)
+    torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
+    (y1 * upstream).sum().backward()
+    (y2 * upstream).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.get_base_layer().bias.grad, plain.bias.grad, atol=1e-5, rtol=1e-5)
+    assert layer.get_base_layer().weight.grad is None  # the base weight is frozen
+
+    # ∂L/∂W by hand (out × in) and the expected rotated gradient U_outᵀ (∂L/∂W) U_in
+    grad_w = upstream.reshape(-1, out_features).T @ x.reshape(-1, in_features)
+    plain_grad_w = plain.weight.grad.T if which == "conv" else plain.weight.grad
+    torch.testing.assert_close(plain_grad_w, grad_w, atol=1e-4, rtol=1e-5)
+    pair = bases.pairs[which]
+    expected = pair.U_out.T @ grad_w @ pair.U_in
+    torch.testing.assert_close(delta_prime.grad, expected, atol=1e-4, rtol=1e-5)
+    wrong = pair.U_out.T @ grad_w @ pair.U_in.T  # the authors' transposed input basis
+    assert (delta_prime.grad - wrong).abs().max() > 1e-2
+
+    # and ΔW = U_out ΔW' U_inᵀ is what merge adds
+    manual = pair.U_out @ delta_prime.detach() @ pair.U_in.T
+    torch.testing.assert_close(delta, manual.T if which == "conv" else manual, atol=1e-6, rtol=1e-5)
+
+
+# ---- 5. calibration leaves the model exactly as it was --------------------------------------------------------
+
+
+class _CountingStream:
+    """An infinite batch generator that counts how many batches were taken from it."""
+
+    def __init__(self, arch: str, seed: int = 1) -> None:
+        self.taken = 0
+        self._inner = batch_stream(arch, seed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.taken += 1
+        return next(self._inner)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_calibration_leaves_model_bit_identical(arch):
+    model = build_model(arch)
+    model.train()
+    # a mixed state that must survive: some modules in eval, some params frozen, some with a stale .grad
+    first_block = next(m for n, m in model.named_modules() if n.endswith(("layer.0", "h.0")))
+    first_block.eval()
+    mlp_weight = next(p for n, p in model.named_parameters() if n.endswith(("intermediate.dense.weight",
+                                                                             "mlp.c_fc.weight")))
+    mlp_weight.grad = torch.full_like(mlp_weight, 0.5)
+    emb = model.get_input_embeddings().weight
+    emb.requires_grad_(False)
+    some_bias = next(p for n, p in model.named_parameters() if n.endswith("bias"))
+    some_bias.grad = torch.ones_like(some_bias)
+    modes = {n: m.training for n, m in model.named_modules()}
+    before = snapshot(model)
+
+    stream = _CountingStream(arch)
+    bases = calibrate(model, SparseGradConfig(calibration_steps=3), stream, progress=False)
+    assert stream.taken == 3, f"calibration consumed {stream.taken} batches for calibration_steps=3"
+    assert bases.pairs
+    assert_same_snapshot(before, snapshot(model))
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+    # the same through get_peft_model: the base weights are untouched, and exactly 3 batches are consumed
+    stream = _CountingStream(arch)
+    model.eval()
+    ref = build_model(arch)
+    peft_model = get_peft_model(model, SparseGradConfig(calibration_steps=3, calibration_dataloader=stream))
+    assert stream.taken == 3
+    base_state = {k.replace(".base_layer", ""): v for k, v in peft_model.base_model.model.state_dict().items()
+                  if "sparsegrad_" not in k}
+    for k, v in ref.state_dict().items():
+        assert torch.equal(base_state[k], v), k
+
+
+# ---- 6. basis properties and dtypes -----------------------------------------------------------------------------
+
+
+def _hand_grams(model: nn.Module, arch: str, batches: list[dict]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Σ G Gᵀ and Σ Gᵀ G per layer type from ordinary backward passes of a copy of the model (float64)."""
+    model = copy.deepcopy(model)
+    targets = {"bert": ("intermediate.dense", "output.dense"), "gpt2": ("mlp.c_fc", "mlp.c_proj")}[arch]
+    layers = {n: m for n, m in model.named_modules()
+              if n.endswith(targets) and "attention" not in n}
+    grams: dict[str, list[torch.Tensor]] = {}
+    for batch in batches:
+        model.zero_grad()
+        model(**batch).loss.backward()
+        for n, m in layers.items():
+            g = m.weight.grad.double()
+            g = g.T if isinstance(m, Conv1D) else g
+            acc = grams.setdefault(layer_role(n), [0, 0])
+            acc[0] = acc[0] + g @ g.T
+            acc[1] = acc[1] + g.T @ g
+    return {k: (v[0], v[1]) for k, v in grams.items()}
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_bases_orthogonal_float32_sorted_eigenvectors(arch):
+    model = build_model(arch)
+    bases = calibrate(model, SparseGradConfig(calibration_steps=3), batch_stream(arch, seed=2), progress=False)
+    grams = _hand_grams(model, arch, batch_list(arch, 3, seed=2))
+    assert grams.keys() == bases.pairs.keys()
+    for layer_type, pair in bases.pairs.items():
+        for u, eig, gram in ((pair.U_out, bases.eigenvalues[layer_type][0], grams[layer_type][0]),
+                             (pair.U_in, bases.eigenvalues[layer_type][1], grams[layer_type][1])):
+            assert u.dtype == torch.float32
+            n = u.shape[0]
+            torch.testing.assert_close(u.T @ u, torch.eye(n), atol=1e-5, rtol=0)
+            assert (eig[:-1] >= eig[1:]).all(), "eigenvalues not sorted decreasingly"
+            # the columns diagonalise the Gram matrix of the true gradients, with the reported eigenvalues
+            rotated = u.double().T @ gram @ u.double()
+            scale = gram.abs().max()
+            torch.testing.assert_close(rotated, torch.diag(eig.double()), atol=1e-5 * scale.item(), rtol=0)
+            torch.testing.assert_close(torch.linalg.eigvalsh(gram).flip(0), eig.double(),
+                                       atol=1e-6 * scale.item(), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_half_precision_base_models_keep_float32_adapter(arch, dtype):
+    base = build_model(arch, dtype=dtype)
+    batch = next(batch_stream(arch, seed=9))
+    expected = logits(base, batch)
+    model = get_peft_model(base, SparseGradConfig(calibration_steps=2, calibration_dataloader=batch_stream(arch)))
+    for name, layer in sparsegrad_layers(model).items():
+        assert layer.get_base_layer().weight.dtype == dtype
+        assert layer.sparsegrad_delta["default"].dtype == torch.float32, name
+        pair = layer.sparsegrad_bases["default"]
+        assert pair.U_out.dtype == torch.float32 and pair.U_in.dtype == torch.float32
+        torch.testing.assert_close(pair.U_in.T @ pair.U_in, torch.eye(pair.U_in.shape[0]), atol=1e-5, rtol=0)
+    got = logits(model, batch)
+    if dtype == torch.float32 and arch == "bert":
+        assert torch.equal(got, expected)  # ΔW' = 0: the very same F.linear call
+    else:
+        torch.testing.assert_close(got, expected, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
+    # a training step keeps ΔW' float32 and changes the outputs
+    opt = create_sparsegrad_optimizer(model, lr=1e-2)
+    model(**batch).loss.float().backward()
+    opt.step()
+    assert all(m.sparsegrad_delta["default"].dtype == torch.float32 for m in sparsegrad_layers(model).values())
+    assert not torch.equal(logits(model, batch), expected)
+
+
+# ---- 7. identity bases: MeProp ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_identity_bases_give_plain_weight_gradient_and_save_no_bases(arch, tmp_path):
+    base = build_model(arch)
+    plain = copy.deepcopy(base)
+    model = get_peft_model(base, SparseGradConfig(bases="identity"))
+    create_sparsegrad_optimizer(model, lr=1e-2)
+    batch = next(batch_stream(arch, seed=4))
+    model(**batch).loss.backward()
+    plain(**batch).loss.backward()
+    plain_modules = dict(plain.named_modules())
+    for name, layer in sparsegrad_layers(model).items():
+        assert layer.sparsegrad_bases["default"].is_identity
+        ref = plain_modules[name.removeprefix("base_model.model.")].weight.grad
+        ref = ref.T if isinstance(layer.get_base_layer(), Conv1D) else ref
+        torch.testing.assert_close(layer.sparsegrad_delta["default"].grad, ref, atol=1e-6, rtol=1e-5)
+
+    model.save_pretrained(tmp_path)
+    keys = load_file(os.path.join(tmp_path, "adapter_model.safetensors")).keys()
+    assert not [k for k in keys if "sparsegrad_bases" in k]
+    import json
+
+    assert json.load(open(tmp_path / "adapter_config.json"))["bases"] == "identity"
