@@ -37,42 +37,54 @@ ROUTING_ERROR = (
 
 
 class _SparseGradLinearFunction(torch.autograd.Function):
-    """y = x (W + ΔW)ᵀ + b; gradients: x and b as for a Linear layer, each ΔW'_a gets U_out,aᵀ (∂L/∂W) U_in,a.
+    """y = x W_effᵀ + b with W_eff = W + Σ_a ΔW_a; gradients: x and b as for a Linear layer, W gets ∂L/∂W if it is
+    trainable, and each ΔW'_a gets U_out,aᵀ (∂L/∂W) U_in,a.
 
     Autocast is handled explicitly instead of with ``custom_fwd``/``custom_bwd`` (which need a fixed device type):
     forward runs under the caller's autocast like any op, backward computes in the dtype of the incoming gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta_weight, pairs, *deltas):
-        w_eff = weight if delta_weight is None else weight + delta_weight
-        ctx.save_for_backward(x, weight, delta_weight)
+    def forward(ctx, x, weight, w_eff, bias, pairs, *deltas):
+        ctx.save_for_backward(x, w_eff)
         ctx.pairs, ctx.deltas = pairs, deltas
+        ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return F.linear(x, w_eff, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, delta_weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x, w_eff = ctx.saved_tensors
+        need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
         need_deltas = ctx.needs_input_grad[5:]
         dtype = grad_out.dtype
-        grad_x = grad_w = grad_b = None
+        grad_x = grad_w = grad_b = grad_weight = None
         if need_x:
-            w_eff = weight if delta_weight is None else weight + delta_weight
             grad_x = (grad_out @ w_eff.to(dtype)).to(x.dtype)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
-        if need_w or any(need_deltas):
-            if any(need and not getattr(d, "sparsegrad_routed", False) for d, need in zip(ctx.deltas, need_deltas)):
-                raise RuntimeError(ROUTING_ERROR)
-            grad_weight = g2.T @ x.reshape(-1, x.shape[-1]).to(dtype)  # ∂L/∂W: out × in
-            if need_w:
-                grad_w = grad_weight.to(weight.dtype)
-            grad_weight = grad_weight.float()
+        x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        if any(need and not getattr(d, "sparsegrad_routed", False) for d, need in zip(ctx.deltas, need_deltas)):
+            raise RuntimeError(ROUTING_ERROR)
+
+        def dense_grad() -> torch.Tensor:  # ∂L/∂W: out × in, computed at most once
+            nonlocal grad_weight
+            if grad_weight is None:
+                grad_weight = g2.T @ x2.to(dtype)
+            return grad_weight
+
+        if need_w:
+            grad_w = dense_grad().to(ctx.weight_dtype)
         if need_b:
             grad_b = g2.sum(0).to(ctx.bias_dtype)
-        grad_deltas = [pair.rotate(grad_weight) if need else None for pair, need in zip(ctx.pairs, need_deltas)]
-        return (grad_x, grad_w, grad_b, None, None, *grad_deltas)
+        grad_deltas = []
+        for pair, need, delta in zip(ctx.pairs, need_deltas, ctx.deltas):
+            if not need:
+                grad_deltas.append(None)
+            elif grad_weight is None and pair.prefers_activations(g2.shape[0]):
+                grad_deltas.append(pair.rotate_from_activations(g2, x2).to(delta.dtype))
+            else:
+                grad_deltas.append(pair.rotate(dense_grad().float()).to(delta.dtype))
+        return (grad_x, grad_w, None, grad_b, None, *grad_deltas)
 
 
 class SparseGradLayer(BaseTunerLayer):
@@ -88,7 +100,7 @@ class SparseGradLayer(BaseTunerLayer):
         self.sparsegrad_keep_ratio: dict[str, float] = {}
         self.sparsegrad_bases: dict[str, Optional[BasisPair]] = {}  # None until loaded from a checkpoint
         self.sparsegrad_type: dict[str, str] = {}  # adapter -> layer type key (shares bases)
-        self._delta_cache: dict[str, tuple[tuple, Optional[torch.Tensor]]] = {}
+        self._weight_cache: Optional[tuple[tuple, torch.Tensor]] = None  # (key, W_eff)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         base = self.get_base_layer()
@@ -149,18 +161,23 @@ class SparseGradLayer(BaseTunerLayer):
         return pair.to(device)
 
     @torch.no_grad()
-    def delta_weight(self, adapter_name: str, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
-        """ΔW = U_out ΔW' U_inᵀ (out × in) in ``dtype``, recomputed only when ΔW' changed; None while ΔW' = 0."""
-        delta = self.sparsegrad_delta[adapter_name]
-        key = (delta._version, delta.data_ptr(), dtype, device)
-        cached = self._delta_cache.get(adapter_name)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        value = None
-        if delta.any():
-            value = self.pair(adapter_name, device).unrotate(delta.detach().to(device, torch.float32)).to(dtype)
-        self._delta_cache[adapter_name] = (key, value)
-        return value
+    def effective_weight(self, adapter_names: list[str], weight: torch.Tensor) -> torch.Tensor:
+        """W_eff = W + Σ_a U_out ΔW'_a U_inᵀ (out × in, W's dtype), recomputed only when W or a ΔW' changed.
+
+        The optimizer changes ΔW' in place, which bumps its version counter; that is the cache key. While every ΔW'
+        is zero this is W itself (no copy).
+        """
+        deltas = [self.sparsegrad_delta[a] for a in adapter_names]
+        key = (tuple((d._version, d.data_ptr()) for d in deltas), weight._version, weight.data_ptr(), weight.device)
+        if self._weight_cache is not None and self._weight_cache[0] == key:
+            return self._weight_cache[1]
+        w_eff = weight
+        for name, delta in zip(adapter_names, deltas):
+            if delta.any():
+                change = self.pair(name, weight.device).unrotate(delta.detach().to(weight.device, torch.float32))
+                w_eff = (w_eff.float() + change).to(weight.dtype)
+        self._weight_cache = (key, w_eff)
+        return w_eff
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔW in the base layer's own layout (in × out for Conv1D) and dtype: what merge adds."""
@@ -222,14 +239,10 @@ class SparseGradLinear(nn.Module, SparseGradLayer):
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
         weight = base_weight_as_out_in(base)  # out × in
-        delta_weight = None
-        for name in active:
-            d = self.delta_weight(name, weight.dtype, weight.device)
-            if d is not None:
-                delta_weight = d if delta_weight is None else delta_weight + d
+        w_eff = self.effective_weight(active, weight)
         pairs = [self.pair(name, weight.device) for name in active]
         deltas = [self.sparsegrad_delta[name] for name in active]
-        return _SparseGradLinearFunction.apply(x, weight, base.bias, delta_weight, pairs, *deltas)
+        return _SparseGradLinearFunction.apply(x, weight, w_eff, base.bias, pairs, *deltas)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False

@@ -195,6 +195,6 @@ class SparseGradModel(BaseTuner):
         # all checks passed: now change the model
         for name, pair in new_bases.items():
             layers[name].sparsegrad_bases[adapter_name] = pair.to(layers[name].get_base_layer().weight.device)
-            layers[name]._delta_cache.pop(adapter_name, None)
+            layers[name]._weight_cache = None
         state_dict.update(dense)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
