@@ -1,0 +1,78 @@
+"""SparseGrad under DistributedDataParallel: 2 CPU processes (gloo) launched with torch.distributed.run, each running
+the Trainer + SparseGradCallback on its own data shard (see tests/_ddp_worker.py)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("_ddp_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, f"DDP workers failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_ddp_setup(ranks):
+    for r, result in enumerate(ranks):
+        assert result["rank"] == r and result["world_size"] == 2
+        assert result["wrapped"] == "DistributedDataParallel"
+    # disjoint data shards: the ranks trained on different examples
+    seen0, seen1 = (set(map(tuple, result["seen"].tolist())) for result in ranks)
+    assert seen0 and seen1 and not (seen0 & seen1)
+
+
+def test_ddp_bases_identical_and_all_reduced(ranks):
+    r0, r1 = ranks
+    assert r0["bases"].keys() == r1["bases"].keys() and r0["bases"]
+    for layer_type, (u_out, u_in) in r0["bases"].items():
+        torch.testing.assert_close(r1["bases"][layer_type][0], u_out, atol=0, rtol=0)
+        torch.testing.assert_close(r1["bases"][layer_type][1], u_in, atol=0, rtol=0)
+    # each rank calibrated on different batches: alone they give other bases, so agreement comes from the all-reduce
+    for layer_type, (u_out, _) in r0["bases"].items():
+        local0, local1 = r0["local_bases"][layer_type][0], r1["local_bases"][layer_type][0]
+        assert not torch.allclose(local0.abs(), local1.abs(), atol=1e-3)
+        assert not torch.allclose(u_out.abs(), local0.abs(), atol=1e-3)
+
+
+def test_ddp_adapters_identical_and_trained(ranks):
+    r0, r1 = ranks
+    assert r0["deltas"].keys() == r1["deltas"].keys() and len(r0["deltas"]) == 4
+    for name, delta in r0["deltas"].items():
+        torch.testing.assert_close(r1["deltas"][name], delta, atol=0, rtol=0)
+        torch.testing.assert_close(r0["initial"][name], r1["initial"][name], atol=0, rtol=0)
+        assert not torch.equal(delta, r0["initial"][name])
+    for a, b in zip(r0["classifier"], r1["classifier"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    logged = [h for h in r0["log_history"] if "loss" in h]
+    assert len(logged) == 4 and all(0 < h["sparsegrad/kept_energy"] <= 1 for h in logged)
+
+
+def test_ddp_does_not_broadcast_bases(ranks):
+    """The bases are not module buffers, so DDP (broadcast_buffers=True) does not re-send them every forward."""
+    r0 = ranks[0]
+    basis_shapes = {tuple(u.shape) for pair in r0["bases"].values() for u in pair}
+    assert basis_shapes == {(64, 64), (32, 32)}
+    assert not basis_shapes & set(r0["buffer_shapes"]), r0["buffer_shapes"]
