@@ -79,6 +79,14 @@ class SparseGradCallback(TrainerCallback):
             param.sparsegrad_routed = True
             self._routes.append((param, k, group))
 
+    def on_train_end(self, args, state, control, **kwargs):
+        # The routing mark holds only while this callback drives a Trainer: training the same model later with a
+        # Trainer that lacks the callback must fail loudly again, not update ΔW' densely with that Trainer's AdamW.
+        for param, _, _ in self._routes:
+            if hasattr(param, "sparsegrad_routed"):
+                del param.sparsegrad_routed
+        self._routes = []
+
     @torch.no_grad()
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self._delegated is not None:

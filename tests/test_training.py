@@ -149,6 +149,16 @@ def test_trainer_without_callback_fails(tmp_path):
     _assert_close_lists(_deltas(model), initial)  # nothing was applied
 
 
+def test_trainer_without_callback_fails_after_a_routed_run(tmp_path):
+    """The routing mark ends with the callback's run: a later Trainer without it must not train ΔW' densely."""
+    model = _model()
+    _train(tmp_path / "routed", model, max_steps=2)
+    trained = _deltas(model)
+    with pytest.raises(RuntimeError, match="SparseGradCallback"):
+        _train(tmp_path / "plain", model, callbacks=[], max_steps=2)
+    _assert_close_lists(_deltas(model), trained)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 3. a SparseGradOptimizer given to the Trainer
 
@@ -405,6 +415,7 @@ def test_fp16_training(tmp_path):
         if "SparseGrad" in str(exc):
             raise
         pytest.skip(f"fp16 mixed precision is not supported on CPU here: {type(exc).__name__}: {exc}")
+    assert trainer.accelerator.mixed_precision == "fp16"
     assert _differs(_deltas(model), initial)
     _assert_fp32_sparse_state(trainer, model)
 
