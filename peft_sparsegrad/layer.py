@@ -145,11 +145,12 @@ class SparseGradLayer(BaseTunerLayer):
             delta.sparsegrad_k = self.sparsegrad_k[adapter_name]
 
     def _register_delta(self, adapter_name: str, data: torch.Tensor, requires_grad: bool = True) -> None:
-        param = nn.Parameter(data, requires_grad=requires_grad)
+        self.sparsegrad_delta[adapter_name] = nn.Parameter(data, requires_grad=requires_grad)
         # Marks ΔW' for the sparse optimizer. ``sparsegrad_routed`` is set by whatever will apply the top-k update
         # (SparseGradOptimizer, SparseGradCallback); backward refuses to produce ΔW' gradients without it.
-        param.sparsegrad_k = self.sparsegrad_k[adapter_name]
-        self.sparsegrad_delta[adapter_name] = param
+        # Set on the *registered* object, after registration: PEFT's init_empty_weights (low_cpu_mem_usage=True)
+        # re-creates the Parameter on the meta device passing its __dict__ as keyword arguments to nn.Parameter.
+        self.sparsegrad_delta[adapter_name].sparsegrad_k = self.sparsegrad_k[adapter_name]
 
     def pair(self, adapter_name: str, device: torch.device) -> BasisPair:
         pair = self.sparsegrad_bases[adapter_name]

@@ -118,7 +118,8 @@ class SparseGradModel(BaseTuner):
         weight = getattr(child, "weight", None)
         if weight is not None and weight.device.type != "meta":
             for name, module in new_module.named_modules():
-                if self.prefix in name:
+                # meta ΔW' (low_cpu_mem_usage=True) is materialised by the state-dict load, not moved
+                if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters()):
                     module.to(weight.device)
 
     def sparsegrad_layers(self) -> list[SparseGradLinear]:

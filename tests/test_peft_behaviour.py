@@ -1,0 +1,530 @@
+"""SparseGrad as a PEFT tuner: the behaviours PEFT's own tuner test matrix checks (targets, identity at init, save /
+load formats and round trips, disable / merge / unmerge / unload, several adapters, modules_to_save, layer selection,
+push_to_hub, bases reuse, dtypes), parametrized over BERT, LLaMA, GPT-2 (Conv1D) and T5 where it makes sense."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from conftest import ARCHS, MATRIX, batch_list, batch_stream, build_model, logits, sparsegrad_layers
+from peft_sparsegrad import (SparseGradBases, SparseGradConfig, SparseGradLinear, SparseGradModel, calibrate,
+                             create_sparsegrad_optimizer, load_bases, save_bases)
+from peft_sparsegrad.registration import SPARSEGRAD
+
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+
+#: Names (in the plain model) of the layers SparseGrad must adapt by default, as regexes.
+EXPECTED_TARGETS = {
+    "bert": r"bert\.encoder\.layer\.\d\.(intermediate|output)\.dense",
+    "roberta": r"roberta\.encoder\.layer\.\d\.(intermediate|output)\.dense",
+    "llama": r"model\.layers\.\d\.mlp\.(up_proj|down_proj)",
+    "gpt2": r"transformer\.h\.\d\.mlp\.(c_fc|c_proj)",
+    "t5": r"(encoder\.block\.\d\.layer\.1|decoder\.block\.\d\.layer\.2)\.DenseReluDense\.(wi|wo)",
+}
+#: Attention layers that share a suffix with an MLP layer and must stay untouched.
+ATTENTION_LOOKALIKES = {
+    "bert": r"bert\.encoder\.layer\.\d\.attention\.output\.dense",
+    "llama": r"model\.layers\.\d\.self_attn\.o_proj",
+    "gpt2": r"transformer\.h\.\d\.attn\.c_proj",
+    "t5": r"(encoder|decoder)\.block\.\d\.layer\.0\.SelfAttention\.o",
+}
+
+
+def make_peft(arch: str, seed: int = 0, dtype=torch.float32, **kwargs):
+    kwargs.setdefault("calibration_steps", 2)
+    if "bases" not in kwargs and "precomputed_bases" not in kwargs:
+        kwargs.setdefault("calibration_dataloader", batch_stream(arch, seed=21))
+    kwargs.setdefault("task_type", ARCHS[arch].task_type)
+    return get_peft_model(build_model(arch, seed, dtype), SparseGradConfig(**kwargs))
+
+
+def train(model, arch: str, steps: int = 3, lr: float = 1e-2, mode: str | None = None, seed: int = 5):
+    opt = create_sparsegrad_optimizer(model, lr=lr, mode=mode)
+    for batch in batch_list(arch, steps, seed=seed):
+        opt.zero_grad()
+        model(**batch).loss.float().backward()
+        opt.step()
+    return opt
+
+
+def eval_batch(arch: str):
+    return next(batch_stream(arch, seed=99))
+
+
+def base_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's parameters under their original names (adapter parameters and wrapper copies dropped)."""
+    if isinstance(model, PeftModel):
+        model = model.base_model.model
+    out = {}
+    for name, p in model.named_parameters():
+        if "sparsegrad_" in name or ".modules_to_save." in name:
+            continue
+        out[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = p
+    return out
+
+
+# ---- identity, targets --------------------------------------------------------------------------------------------
+
+
+def test_peft_type_and_default_targets(arch):
+    model = make_peft(arch, bases="identity")
+    config = model.peft_config["default"]
+    assert isinstance(config, SparseGradConfig)
+    assert config.peft_type == "SPARSEGRAD" and config.peft_type is SPARSEGRAD
+    assert isinstance(model.base_model, SparseGradModel)
+    plain_names = [n for n, _ in build_model(arch).named_modules()]
+    expected = {n for n in plain_names if re.fullmatch(EXPECTED_TARGETS[arch], n)}
+    assert len(expected) == (8 if arch == "t5" else 4)
+    adapted = {n.removeprefix("base_model.model.") for n in sparsegrad_layers(model)}
+    assert adapted == expected
+    modules = dict(model.base_model.model.named_modules())
+    lookalikes = [n for n in plain_names if re.fullmatch(ATTENTION_LOOKALIKES[arch], n)]
+    assert len(lookalikes) == (4 if arch == "t5" else 2)
+    for name in lookalikes:
+        assert type(modules[name]) in (nn.Linear, Conv1D), f"attention layer {name} was adapted"
+    # only ΔW' (and, for classification, the head) is trainable
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert {n for n in trainable if "sparsegrad_delta" in n} and all(
+        "sparsegrad_delta.default" in n or ".modules_to_save.default." in n for n in trainable)
+
+
+def test_outputs_equal_base_right_after_get_peft_model(arch):
+    batch = eval_batch(arch)
+    expected = logits(build_model(arch), batch)
+    model = make_peft(arch)
+    got = logits(model, batch)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+# ---- save / load --------------------------------------------------------------------------------------------------
+
+
+def test_save_pretrained_files_and_sparse_format(arch, tmp_path):
+    model = make_peft(arch, keep_ratio=0.05)
+    train(model, arch, steps=3)
+    model.save_pretrained(tmp_path)
+    assert set(os.listdir(tmp_path)) == ADAPTER_FILES
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    non_adapter = [k for k in state if "sparsegrad_" not in k]
+    assert all(".classifier." in k or ".score." in k for k in non_adapter), non_adapter  # the SEQ_CLS head only
+
+    layers = sparsegrad_layers(model)
+    layer_types = {m.sparsegrad_type["default"] for m in layers.values()}
+    bases_keys = [k for k in state if ".sparsegrad_bases." in k or k.startswith("sparsegrad_bases.")]
+    assert len(bases_keys) == 2 * len(layer_types)  # U_out and U_in once per layer type, not per layer
+    assert len(layer_types) == (4 if arch == "t5" else 2)
+    for layer_type in layer_types:
+        assert sum(k.endswith(f"sparsegrad_bases.{layer_type}.U_out") for k in bases_keys) == 1
+        assert sum(k.endswith(f"sparsegrad_bases.{layer_type}.U_in") for k in bases_keys) == 1
+    for name, layer in layers.items():
+        indices = state[f"{name}.sparsegrad_indices"]
+        values = state[f"{name}.sparsegrad_values"]
+        delta = layer.sparsegrad_delta["default"].detach()
+        assert indices.dtype == torch.int32 and values.dtype == torch.float32
+        assert indices.shape == (2, int((delta != 0).sum())) and values.shape == (indices.shape[1],)
+        assert 0 < indices.shape[1] < delta.numel() // 2  # sparse
+        dense = torch.zeros_like(delta)
+        dense[indices[0].long(), indices[1].long()] = values
+        assert torch.equal(dense, delta)
+        pair = layer.sparsegrad_bases["default"]
+        t = layer.sparsegrad_type["default"]
+        assert torch.equal(state[f"base_model.model.sparsegrad_bases.{t}.U_out"], pair.U_out)
+        assert torch.equal(state[f"base_model.model.sparsegrad_bases.{t}.U_in"], pair.U_in)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "SPARSEGRAD" and config["bases"] == "checkpoint"
+    assert "calibration_dataloader" not in config and "precomputed_bases" not in config
+
+
+def test_round_trip_in_process_and_config(arch, tmp_path):
+    model = make_peft(arch, keep_ratio=0.05)
+    train(model, arch)
+    batch = eval_batch(arch)
+    expected = logits(model, batch)
+    assert not torch.allclose(expected, logits(build_model(arch), batch), atol=1e-4)  # training did something
+    model.save_pretrained(tmp_path)
+
+    config = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(config, SparseGradConfig) and config.bases == "checkpoint"
+    assert config.keep_ratio == 0.05 and config.peft_type is SPARSEGRAD
+
+    loaded = PeftModel.from_pretrained(build_model(arch), tmp_path)
+    assert isinstance(loaded.base_model, SparseGradModel)
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-6, rtol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())  # inference mode by default
+    for name, layer in sparsegrad_layers(loaded).items():
+        ref = sparsegrad_layers(model)[name]
+        assert torch.equal(layer.sparsegrad_delta["default"], ref.sparsegrad_delta["default"])
+        assert torch.equal(layer.sparsegrad_bases["default"].U_in, ref.sparsegrad_bases["default"].U_in)
+        assert layer.sparsegrad_k["default"] == ref.sparsegrad_k["default"]
+
+    # is_trainable=True: training continues from the loaded state
+    trainable = PeftModel.from_pretrained(build_model(arch), tmp_path, is_trainable=True)
+    train(trainable, arch, steps=1, seed=6)
+    assert not torch.allclose(logits(trainable, batch), expected, atol=1e-6)
+
+
+def test_round_trip_low_cpu_mem_usage(tmp_path):
+    """low_cpu_mem_usage=True creates ΔW' on the meta device and assigns the loaded tensors."""
+    arch = "gpt2"
+    model = make_peft(arch, keep_ratio=0.05)
+    train(model, arch)
+    batch = eval_batch(arch)
+    expected = logits(model, batch)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(build_model(arch), tmp_path, low_cpu_mem_usage=True, is_trainable=True)
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-6, rtol=0)
+    for layer in sparsegrad_layers(loaded).values():
+        delta = layer.sparsegrad_delta["default"]
+        assert delta.device.type == "cpu" and delta.dtype == torch.float32
+    train(loaded, arch, steps=1, seed=6)  # still routable to the sparse optimizer
+
+
+SUBPROCESS_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    import peft_sparsegrad  # registers SPARSEGRAD
+    from peft import PeftModel
+    from conftest import build_model, batch_stream, logits
+    model = PeftModel.from_pretrained(build_model({arch!r}, seed=3), {adapter!r})
+    batch = next(batch_stream({arch!r}, seed=99))
+    torch.save(logits(model, batch), {out!r})
+""")
+
+
+@pytest.mark.slow
+def test_round_trip_fresh_process(tmp_path):
+    arch = "gpt2"
+    model = make_peft(arch, seed=3, keep_ratio=0.05)
+    train(model, arch)
+    expected = logits(model, eval_batch(arch))
+    model.save_pretrained(tmp_path / "adapter")
+    script = SUBPROCESS_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), arch=arch,
+                                      adapter=str(tmp_path / "adapter"), out=str(tmp_path / "logits.pt"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = torch.load(tmp_path / "logits.pt")
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+# ---- disable / merge / unload ---------------------------------------------------------------------------------
+
+
+def test_disable_merge_unmerge_unload(arch):
+    batch = eval_batch(arch)
+    base_logits = logits(build_model(arch), batch)
+    original = {k: v.detach().clone() for k, v in base_params(build_model(arch)).items()}
+    model = make_peft(arch, init_weights=False)  # nonzero ΔW'
+    adapted = logits(model, batch)
+    assert (adapted - base_logits).abs().max() > 1e-4
+    never_merged = copy.deepcopy(model)  # merge + unmerge round W in float: unload exactness is checked on this
+
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, batch), base_logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(model, batch), adapted, atol=0, rtol=0)
+
+    model.merge_adapter()
+    layers = sparsegrad_layers(model)
+    assert all(m.merged for m in layers.values())
+    torch.testing.assert_close(logits(model, batch), adapted, atol=1e-5, rtol=0)
+    changed = base_params(model)
+    assert any(not torch.equal(changed[k], original[k]) for k in changed)
+    with model.disable_adapter():  # disabling a merged adapter unmerges it
+        torch.testing.assert_close(logits(model, batch), base_logits, atol=1e-5, rtol=0)
+    model.merge_adapter()
+    model.unmerge_adapter()
+    assert not any(m.merged for m in layers.values())
+    for k, v in base_params(model).items():
+        torch.testing.assert_close(v, original[k], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(model, batch), adapted, atol=1e-5, rtol=0)
+
+    merged = copy.deepcopy(model).merge_and_unload(safe_merge=True)
+    assert not sparsegrad_layers(merged) and not any("sparsegrad" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged, batch), adapted, atol=1e-5, rtol=0)
+    for name in sparsegrad_layers(model):
+        plain = merged.get_submodule(name.removeprefix("base_model.model."))
+        assert type(plain) in (nn.Linear, Conv1D)
+
+    unloaded = never_merged.unload()
+    assert not sparsegrad_layers(unloaded)
+    torch.testing.assert_close(logits(unloaded, batch), base_logits, atol=1e-6, rtol=0)
+    for k, v in base_params(unloaded).items():
+        assert torch.equal(v, original[k]), k
+
+
+def test_safe_merge_refuses_nan_adapter():
+    model = make_peft("bert", bases="identity")
+    layer = next(iter(sparsegrad_layers(model).values()))
+    weight_before = layer.get_base_layer().weight.detach().clone()
+    with torch.no_grad():
+        layer.sparsegrad_delta["default"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        model.merge_adapter(safe_merge=True)
+    assert torch.equal(layer.get_base_layer().weight, weight_before)
+    assert not layer.merged
+
+
+def test_merge_and_unload_roberta_classification_head():
+    """PEFT pitfall: RoBERTa's classifier is a RobertaClassificationHead (no .weight) inside ModulesToSaveWrapper."""
+    arch = "roberta"
+    batch = eval_batch(arch)
+    base_logits = logits(build_model(arch), batch)
+    model = get_peft_model(build_model(arch), SparseGradConfig(bases="identity", init_weights=False,
+                                                               task_type="SEQ_CLS"))
+    train(model, arch, steps=2)  # trains the head too (modules_to_save)
+    adapted = logits(model, batch)
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert type(merged.classifier).__name__ == "RobertaClassificationHead"
+    torch.testing.assert_close(logits(merged, batch), adapted, atol=1e-5, rtol=0)
+    unloaded = copy.deepcopy(model).unload()
+    assert type(unloaded.classifier).__name__ == "RobertaClassificationHead"
+    assert not sparsegrad_layers(unloaded)
+    unloaded_logits = logits(unloaded, batch)
+    # unload keeps the trained modules_to_save head but drops ΔW'; it differs from both other models
+    assert not torch.allclose(unloaded_logits, adapted, atol=1e-6)
+    assert not torch.allclose(unloaded_logits, base_logits, atol=1e-6)
+
+
+# ---- several adapters -----------------------------------------------------------------------------------------
+
+
+def test_two_adapters_switch_train_delete(arch):
+    batch = eval_batch(arch)
+    model = make_peft(arch, init_weights=False)
+    out_a = logits(model, batch)
+    model.add_adapter("second", SparseGradConfig(bases="identity", init_weights=False))
+    assert model.active_adapters == ["default"]
+    torch.testing.assert_close(logits(model, batch), out_a, atol=0, rtol=0)  # adding does not activate
+
+    model.set_adapter("second")
+    out_b = logits(model, batch)
+    assert (out_b - out_a).abs().max() > 1e-5
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and "sparsegrad" in n]
+    assert trainable and all(n.endswith(".second") for n in trainable)
+    layers = sparsegrad_layers(model)
+    first = {n: m.sparsegrad_delta["default"].detach().clone() for n, m in layers.items()}
+    second = {n: m.sparsegrad_delta["second"].detach().clone() for n, m in layers.items()}
+    train(model, arch, steps=2)
+    for n, m in layers.items():
+        assert torch.equal(m.sparsegrad_delta["default"], first[n])  # the inactive adapter did not move
+        assert not torch.equal(m.sparsegrad_delta["second"], second[n])
+        assert m.sparsegrad_bases["second"].is_identity and not m.sparsegrad_bases["default"].is_identity
+
+    model.set_adapter("default")
+    torch.testing.assert_close(logits(model, batch), out_a, atol=0, rtol=0)
+    model.delete_adapter("second")
+    assert list(model.peft_config) == ["default"]
+    assert not any(".second" in n for n, _ in model.named_parameters())
+    assert all(set(m.sparsegrad_delta) == {"default"} and "second" not in m.sparsegrad_bases
+               for m in layers.values())
+    torch.testing.assert_close(logits(model, batch), out_a, atol=0, rtol=0)
+
+
+def test_second_adapter_with_its_own_calibration(tmp_path):
+    arch = "bert"
+    model = make_peft(arch)
+    model.add_adapter("calibrated", SparseGradConfig(calibration_dataloader=batch_stream(arch, seed=77),
+                                                     calibration_steps=2))
+    for layer in sparsegrad_layers(model).values():
+        a, b = layer.sparsegrad_bases["default"], layer.sparsegrad_bases["calibrated"]
+        assert a is not b and not torch.allclose(a.U_out.abs(), b.U_out.abs(), atol=1e-3)  # other data
+        torch.testing.assert_close(b.U_out.T @ b.U_out, torch.eye(b.U_out.shape[0]), atol=1e-5, rtol=0)
+    assert model.peft_config["calibrated"].calibration_dataloader is None  # data not kept alive
+
+    # both adapters saved (the second in its own folder) and loadable back
+    model.set_adapter("calibrated")
+    train(model, arch, steps=2)
+    batch = eval_batch(arch)
+    expected = logits(model, batch)
+    model.save_pretrained(tmp_path)
+    assert set(os.listdir(tmp_path)) == ADAPTER_FILES | {"calibrated"}
+    loaded = PeftModel.from_pretrained(build_model(arch), tmp_path)
+    loaded.load_adapter(tmp_path / "calibrated", adapter_name="calibrated")
+    loaded.set_adapter("calibrated")
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-6, rtol=0)
+
+
+# ---- modules_to_save, layer selection ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama_cls"])
+def test_modules_to_save_trained_saved_and_nothing_else_changes(arch, tmp_path):
+    head = "classifier" if arch == "bert" else "score"
+    base = build_model(arch)
+    original = {k: v.detach().clone() for k, v in base_params(base).items()}
+    model = get_peft_model(base, SparseGradConfig(bases="identity", modules_to_save=[head], task_type="SEQ_CLS",
+                                                  keep_ratio=0.05))
+    layers = sparsegrad_layers(model)
+    train(model, arch, steps=3, lr=1e-2)
+    after = base_params(model)
+    assert after.keys() == original.keys()
+    for k, v in after.items():
+        assert torch.equal(v, original[k]), f"base parameter {k} changed"  # incl. the original head
+    assert all(m.sparsegrad_delta["default"].any() for m in layers.values())
+    trained_head = model.base_model.model.get_submodule(head).modules_to_save["default"]
+    assert not torch.equal(trained_head.weight, original[f"{head}.weight"])
+
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    assert torch.equal(state[f"base_model.model.{head}.weight"], trained_head.weight)
+    batch = eval_batch(arch)
+    loaded = PeftModel.from_pretrained(build_model(arch), tmp_path)
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=1e-6, rtol=0)
+
+
+def test_layers_to_transform_and_exclude_modules(arch):
+    first_block = {"bert": ".layer.0.", "llama": ".layers.0.", "gpt2": ".h.0.", "t5": ".block.0."}[arch]
+    model = make_peft(arch, bases="identity", layers_to_transform=[0])
+    names = set(sparsegrad_layers(model))
+    assert names and all(first_block in n for n in names)
+    assert len(names) == (4 if arch == "t5" else 2)
+
+    full = {n.removeprefix("base_model.model.") for n in sparsegrad_layers(make_peft(arch, bases="identity"))}
+    victim = sorted(full)[-1]
+    model = make_peft(arch, bases="identity", exclude_modules=[victim])
+    names = {n.removeprefix("base_model.model.") for n in sparsegrad_layers(model)}
+    assert names == full - {victim}
+
+
+# ---- push_to_hub --------------------------------------------------------------------------------------------------
+
+
+def test_push_to_hub_uploads_exactly_the_adapter_files(monkeypatch, tmp_path):
+    """Intercepted at the network boundary: PeftModel.push_to_hub (transformers' PushToHubMixin) calls
+    HfApi.create_repo, ModelCard.load (to find an existing card) and HfApi.create_commit."""
+    import huggingface_hub
+    import transformers.utils.hub as transformers_hub
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import EntryNotFoundError
+
+    calls, uploaded = [], {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        calls.append(("create_commit", repo_id))
+        for op in operations:
+            src = op.path_or_fileobj
+            uploaded[op.path_in_repo] = open(src, "rb").read() if isinstance(src, (str, os.PathLike)) else src
+        return "fake-commit"
+
+    def no_card(*args, **kwargs):
+        raise EntryNotFoundError("no model card yet")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("unexpected network call")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "upload_folder", no_network)
+    monkeypatch.setattr(HfApi, "upload_file", no_network)
+    monkeypatch.setattr(transformers_hub.ModelCard, "load", staticmethod(no_card))
+
+    arch = "bert"
+    model = make_peft(arch, keep_ratio=0.05)
+    train(model, arch, steps=2)
+    model.push_to_hub("someone/sparsegrad-test")
+    assert calls == [("create_repo", "someone/sparsegrad-test"), ("create_commit", "someone/sparsegrad-test")]
+    assert set(uploaded) == ADAPTER_FILES
+    for name, data in uploaded.items():
+        (tmp_path / name).write_bytes(data)
+    batch = eval_batch(arch)
+    loaded = PeftModel.from_pretrained(build_model(arch), tmp_path)
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=1e-6, rtol=0)
+
+
+# ---- reusing bases --------------------------------------------------------------------------------------------------
+
+
+def _assert_same_bases(model_a, model_b):
+    layers_a, layers_b = sparsegrad_layers(model_a), sparsegrad_layers(model_b)
+    assert layers_a.keys() == layers_b.keys()
+    for name, layer in layers_a.items():
+        pa, pb = layer.sparsegrad_bases["default"], layers_b[name].sparsegrad_bases["default"]
+        assert torch.equal(pa.U_out, pb.U_out) and torch.equal(pa.U_in, pb.U_in), name
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_reusing_bases_file_adapter_dir_and_precomputed(arch, tmp_path):
+    reference = make_peft(arch, calibration_dataloader=batch_stream(arch, seed=21), calibration_steps=2)
+    bases = calibrate(build_model(arch), SparseGradConfig(calibration_steps=2), batch_stream(arch, seed=21),
+                      progress=False)
+    assert isinstance(bases, SparseGradBases)
+    save_bases(bases, tmp_path / "bases.safetensors")
+    reread = load_bases(tmp_path / "bases.safetensors")
+    assert reread.members == bases.members
+
+    from_file = make_peft(arch, bases=str(tmp_path / "bases.safetensors"))
+    _assert_same_bases(reference, from_file)
+    from_object = make_peft(arch, precomputed_bases=bases)
+    _assert_same_bases(reference, from_object)
+
+    train(reference, arch, steps=1)
+    reference.save_pretrained(tmp_path / "adapter")
+    from_adapter = make_peft(arch, bases=str(tmp_path / "adapter"))
+    _assert_same_bases(reference, from_adapter)
+    # reused bases start a *new* adapter: ΔW' = 0, outputs = base model
+    batch = eval_batch(arch)
+    torch.testing.assert_close(logits(from_adapter, batch), logits(build_model(arch), batch), atol=1e-6, rtol=0)
+    # a config with a bases path saves "checkpoint" (the bases travel with the adapter)
+    assert from_file.peft_config["default"].to_dict()["bases"] == "checkpoint"
+
+
+# ---- dtypes ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_half_precision_base_models(arch, dtype):
+    # task_type=None: no modules_to_save head. A half-precision head trained by (any) AdamW turns NaN in fp16
+    # (eps=1e-8 underflows; torch.optim.AdamW does the same), which is not what this test is about.
+    model = make_peft(arch, dtype=dtype, task_type=None)
+    for layer in sparsegrad_layers(model).values():
+        assert layer.get_base_layer().weight.dtype == dtype
+        assert layer.sparsegrad_delta["default"].dtype == torch.float32
+        assert layer.sparsegrad_bases["default"].U_out.dtype == torch.float32
+    train(model, arch, steps=1, lr=1e-3)
+    for layer in sparsegrad_layers(model).values():
+        delta = layer.sparsegrad_delta["default"]
+        assert delta.dtype == torch.float32 and delta.any() and torch.isfinite(delta).all()
+    out = logits(model, eval_batch(arch))
+    assert torch.isfinite(out).all()
+
+
+def test_index_data_stays_int32_through_bf16_cast_and_round_trip(tmp_path):
+    arch = "llama"
+    model = make_peft(arch, keep_ratio=0.05)
+    train(model, arch, steps=2)
+    model = model.to(torch.bfloat16)
+    for layer in sparsegrad_layers(model).values():
+        assert layer.sparsegrad_bases["default"].U_out.dtype == torch.float32  # bases are not module buffers
+    batch = eval_batch(arch)
+    expected = logits(model, batch)
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    index_keys = [k for k in state if k.endswith("sparsegrad_indices")]
+    assert len(index_keys) == 4 and all(state[k].dtype == torch.int32 for k in index_keys)
+    assert all(state[k].dtype == torch.float32 for k in state if "sparsegrad_values" in k or "sparsegrad_bases" in k)
+
+    loaded = PeftModel.from_pretrained(build_model(arch, dtype=torch.bfloat16), tmp_path)
+    for name, layer in sparsegrad_layers(loaded).items():
+        ref = sparsegrad_layers(model)[name].sparsegrad_delta["default"]
+        delta = layer.sparsegrad_delta["default"]
+        assert delta.dtype == torch.float32
+        assert torch.equal(delta, ref.float())
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-6, rtol=0)
