@@ -61,6 +61,7 @@ class SparseGradModel(BaseTuner):
         # Everything that can fail on user input happens here, before PEFT replaces a single module. This also runs
         # for PeftModel.add_adapter, which (unlike __init__) calls no pre-injection hook.
         config = self.peft_config[adapter_name]
+        config.__post_init__()  # re-validate: fields may have been set after construction (e.g. CLI strings)
         self._prepare_adapter_config(config, self.get_model_config(model))
         targets = find_target_modules(model, config)
         shapes = {name: weight_shape(m.get_base_layer() if hasattr(m, "get_base_layer") else m)

@@ -1,0 +1,311 @@
+"""Bad input gives a clear error, and the model is left exactly as it was: every parameter and buffer bit-identical,
+the same requires_grad flags and .grad, the same module types, and no SparseGradLinear inserted."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from conftest import (assert_same_snapshot, batch_list, batch_stream, build_model, inputs_only, snapshot,
+                      sparsegrad_layers)
+from peft_sparsegrad import (SparseGradConfig, calibrate, create_sparsegrad_optimizer, save_bases)
+
+
+def _structure(model: nn.Module) -> dict[str, type]:
+    return {n: type(m) for n, m in model.named_modules()}
+
+
+@contextlib.contextmanager
+def model_left_untouched(model: nn.Module):
+    """Snapshot before, compare after (also when the block raised, which is the point)."""
+    before, structure, modes = snapshot(model), _structure(model), {n: m.training for n, m in model.named_modules()}
+    attributes = {n: set(vars(m)) for n, m in model.named_modules()}  # e.g. no `peft_config` left on the model
+    try:
+        yield
+    finally:
+        assert not sparsegrad_layers(model), "a SparseGradLinear was inserted"
+        assert _structure(model) == structure
+        assert {n: set(vars(m)) for n, m in model.named_modules()} == attributes
+        assert_same_snapshot(before, snapshot(model))
+        assert {n: m.training for n, m in model.named_modules()} == modes
+
+
+def _prepared_bert() -> nn.Module:
+    """BERT in a state worth preserving: some params frozen, a stale .grad."""
+    model = build_model("bert")
+    model.get_input_embeddings().weight.requires_grad_(False)
+    model.classifier.weight.grad = torch.full_like(model.classifier.weight, 0.25)
+    return model
+
+
+def _expect_failure(model, config, exc_type, match):
+    with model_left_untouched(model):
+        with pytest.raises(exc_type, match=match):
+            get_peft_model(model, config)
+
+
+# ---- targets --------------------------------------------------------------------------------------------------
+
+
+def test_no_module_matched():
+    _expect_failure(_prepared_bert(), SparseGradConfig(target_modules=["nope"], bases="identity"), ValueError,
+                    r"No module matched target_modules.*nope")
+
+
+def test_everything_excluded():
+    config = SparseGradConfig(target_modules=["intermediate.dense"], exclude_modules=["intermediate.dense"],
+                              bases="identity")
+    _expect_failure(_prepared_bert(), config, ValueError, r"No module matched")
+
+
+@pytest.mark.parametrize("target, kind", [("LayerNorm", "LayerNorm"), ("word_embeddings", "Embedding")])
+def test_target_that_is_not_linear(target, kind):
+    # Also with a valid target listed first: nothing is replaced before the bad one is found.
+    config = SparseGradConfig(target_modules=["intermediate.dense", target], bases="identity")
+    _expect_failure(_prepared_bert(), config, TypeError, rf"is a {kind}.*only torch\.nn\.Linear")
+
+
+def test_unknown_architecture_without_target_modules():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    _expect_failure(Custom(), SparseGradConfig(bases="identity"), ValueError, r"target_modules")
+
+
+# ---- config values ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, exc", [(0, ValueError), (0.0, ValueError), (1.5, ValueError), (-0.1, ValueError),
+                                        ("x", TypeError), (True, TypeError), (float("nan"), ValueError)])
+def test_bad_keep_ratio(value, exc):
+    with pytest.raises(exc, match="keep_ratio"):
+        SparseGradConfig(keep_ratio=value, bases="identity")
+
+
+@pytest.mark.parametrize("value", [0, 1.5, "x"])
+def test_bad_keep_ratio_set_after_construction(value):
+    """A config mutated after validation is still refused before the model changes."""
+    config = SparseGradConfig(bases="identity")
+    config.keep_ratio = value
+    _expect_failure(_prepared_bert(), config, (ValueError, TypeError), "keep_ratio")
+
+
+@pytest.mark.parametrize("value, exc", [(0, ValueError), (-3, ValueError), (2.5, TypeError)])
+def test_bad_calibration_steps(value, exc):
+    with pytest.raises(exc, match="calibration_steps"):
+        SparseGradConfig(calibration_steps=value, calibration_dataloader=batch_stream("bert"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"basis_method": "svd"}, "basis_method"),
+    ({"sparse_optimizer": "adam"}, "sparse_optimizer"),
+    ({"bias": "lora_only"}, "bias"),
+    ({"bases": 3}, "bases"),
+])
+def test_bad_config_fields(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        SparseGradConfig(**kwargs)
+
+
+# ---- calibration data -------------------------------------------------------------------------------------------
+
+
+def test_no_data_and_no_bases():
+    model = _prepared_bert()
+    with model_left_untouched(model):
+        with pytest.raises(ValueError) as info:
+            get_peft_model(model, SparseGradConfig())
+    assert "calibration_dataloader" in str(info.value) and "bases='identity'" in str(info.value)
+
+
+def test_empty_dataloader():
+    _expect_failure(_prepared_bert(), SparseGradConfig(calibration_dataloader=[]), ValueError, "no batches")
+
+
+def test_batches_without_labels():
+    loader = [inputs_only(b) for b in batch_list("bert", 2)]
+    _expect_failure(_prepared_bert(), SparseGradConfig(calibration_dataloader=loader), ValueError,
+                    r"no scalar loss.*labels")
+
+
+@pytest.mark.parametrize("bad", [{"foo": torch.ones(2)}, "not a batch",
+                                 {"input_ids": torch.full((2, 4), 1000), "labels": torch.zeros(2).long()}])
+def test_batches_the_model_cannot_run(bad):
+    # the first batch is fine: calibration already ran a backward pass when the second one fails
+    loader = [batch_list("bert", 1)[0], bad]
+    _expect_failure(_prepared_bert(), SparseGradConfig(calibration_dataloader=loader, calibration_steps=3),
+                    ValueError, r"Calibration batch 1 could not be run")
+
+
+def test_nan_loss_during_calibration():
+    good = batch_list("bert", 1)[0]
+    model = _prepared_bert()
+    embeds = torch.full((4, 8, 32), float("nan"))
+    loader = [good, {"inputs_embeds": embeds, "labels": good["labels"]}]
+    _expect_failure(model, SparseGradConfig(calibration_dataloader=loader, calibration_steps=2), ValueError,
+                    r"batch 1 produced a non-finite loss")
+
+
+def test_nan_gradients_during_calibration():
+    """Finite loss, NaN gradients (a tensor hook poisons the backward of the last block)."""
+    model = _prepared_bert()
+    poison = {"on": False}
+
+    def forward_hook(module, args, output):
+        if poison["on"] and output.requires_grad:
+            output.register_hook(lambda g: g * float("nan"))
+
+    handle = model.bert.encoder.layer[1].output.LayerNorm.register_forward_hook(forward_hook)
+
+    class Loader:
+        def __iter__(self):
+            for i, batch in enumerate(batch_list("bert", 3)):
+                poison["on"] = i == 1
+                yield batch
+
+    try:
+        with model_left_untouched(model):
+            with pytest.raises(ValueError, match=r"batch 1 gave NaN/Inf gradients"):
+                get_peft_model(model, SparseGradConfig(calibration_dataloader=Loader(), calibration_steps=3))
+    finally:
+        handle.remove()
+
+
+def test_calibrate_function_errors_leave_model_untouched():
+    model = _prepared_bert()
+    with model_left_untouched(model):
+        with pytest.raises(ValueError, match="no batches"):
+            calibrate(model, SparseGradConfig(), [], progress=False)
+        with pytest.raises(ValueError, match="calibration_dataloader"):
+            calibrate(model, SparseGradConfig(), None, progress=False)
+
+
+# ---- bases from elsewhere ---------------------------------------------------------------------------------------
+
+
+def _bert_with_intermediate(size: int) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=size, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                         max_position_embeddings=64, num_labels=2, attn_implementation="eager")
+        return BertForSequenceClassification(cfg).eval()
+
+
+def test_bases_file_of_another_architecture(tmp_path):
+    bases = calibrate(build_model("gpt2"), SparseGradConfig(calibration_steps=1), batch_stream("gpt2"),
+                      progress=False)
+    save_bases(bases, tmp_path / "gpt2.safetensors")
+    _expect_failure(_prepared_bert(), SparseGradConfig(bases=str(tmp_path / "gpt2.safetensors")), ValueError,
+                    r"no entry for layer type 'bert\.encoder\.layer\.\*\.(intermediate|output)\.dense'")
+
+
+def test_bases_of_the_wrong_shape(tmp_path):
+    small = _bert_with_intermediate(48)
+    bases = calibrate(small, SparseGradConfig(calibration_steps=1), batch_stream("bert"), progress=False)
+    save_bases(bases, tmp_path / "small.safetensors")
+    _expect_failure(_prepared_bert(), SparseGradConfig(bases=str(tmp_path / "small.safetensors")), ValueError,
+                    r"computed for another model")
+    _expect_failure(_prepared_bert(), SparseGradConfig(precomputed_bases=bases), ValueError,
+                    r"computed for another model")
+    # a saved adapter directory of the small model, used as a bases source
+    adapter = get_peft_model(_bert_with_intermediate(48), SparseGradConfig(precomputed_bases=bases))
+    adapter.save_pretrained(tmp_path / "small_adapter")
+    _expect_failure(_prepared_bert(), SparseGradConfig(bases=str(tmp_path / "small_adapter")), ValueError,
+                    r"computed for another model")
+
+
+@pytest.mark.parametrize("what", ["missing", "not_bases", "dir_without_adapter"])
+def test_bad_bases_paths(tmp_path, what):
+    if what == "missing":
+        path, match = tmp_path / "nope.safetensors", "does not exist"
+    elif what == "not_bases":
+        from safetensors.torch import save_file
+
+        path, match = tmp_path / "other.safetensors", "not a SparseGrad bases file"
+        save_file({"x": torch.zeros(2)}, str(path))
+    else:
+        path, match = tmp_path, "not a saved adapter"
+    _expect_failure(_prepared_bert(), SparseGradConfig(bases=str(path)), ValueError, match)
+
+
+def test_precomputed_bases_of_the_wrong_type():
+    _expect_failure(_prepared_bert(), SparseGradConfig(precomputed_bases={"a": 1}), TypeError, "SparseGradBases")
+
+
+# ---- add_adapter, training routing ----------------------------------------------------------------------------
+
+
+def test_failing_add_adapter_leaves_peft_model_as_it_was():
+    model = get_peft_model(build_model("bert"), SparseGradConfig(bases="identity", init_weights=False))
+    with model_left_untouched_peft(model):
+        with pytest.raises(ValueError, match="calibration_dataloader"):
+            model.add_adapter("second", SparseGradConfig())
+        with pytest.raises(ValueError, match="No module matched"):
+            model.add_adapter("third", SparseGradConfig(target_modules=["nope"], bases="identity"))
+    assert list(model.peft_config) == ["default"]
+    assert all(set(m.sparsegrad_delta) == {"default"} for m in sparsegrad_layers(model).values())
+
+
+@contextlib.contextmanager
+def model_left_untouched_peft(model):
+    before, structure = snapshot(model), _structure(model)
+    yield
+    assert _structure(model) == structure
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_backward_without_sparse_optimizer_is_refused():
+    model = get_peft_model(build_model("bert"), SparseGradConfig(bases="identity"))
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])  # an ordinary optimizer: not routed
+    with pytest.raises(RuntimeError, match="create_sparsegrad_optimizer"):
+        model(**batch_list("bert", 1)[0]).loss.backward()
+    assert all(m.sparsegrad_delta["default"].grad is None for m in sparsegrad_layers(model).values())
+    create_sparsegrad_optimizer(model, lr=1e-3)
+    model(**batch_list("bert", 1)[0]).loss.backward()  # routed: fine
+
+
+# ---- loading onto another model ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_adapter_dir(tmp_path):
+    model = get_peft_model(_bert_with_intermediate(48), SparseGradConfig(
+        calibration_dataloader=batch_stream("bert"), calibration_steps=1, init_weights=False))
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_loading_adapter_onto_other_shapes_raises_clear_error(small_adapter_dir):
+    model = _prepared_bert()
+    originals = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"trained on a base model with other shapes"):
+        PeftModel.from_pretrained(model, small_adapter_dir)
+    # the base weights' *values* are untouched (under their wrapped names if PEFT injected before loading)
+    state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "sparsegrad_" not in k}
+    for k, v in originals.items():
+        assert torch.equal(state[k], v), k
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "PeftModel.from_pretrained injects SparseGradLinear layers (and freezes the base model) before the checkpoint is "
+    "read, so a shape mismatch found while loading leaves the injected, frozen model behind (PEFT does the same for "
+    "LoRA). Values are untouched (test above)."))
+def test_loading_adapter_onto_other_shapes_leaves_model_exactly_as_it_was(small_adapter_dir):
+    model = _prepared_bert()
+    with model_left_untouched(model):
+        with pytest.raises(ValueError, match=r"other shapes"):
+            PeftModel.from_pretrained(model, small_adapter_dir)
