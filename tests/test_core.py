@@ -388,3 +388,33 @@ def test_identity_bases_give_plain_weight_gradient_and_save_no_bases(arch, tmp_p
     import json
 
     assert json.load(open(tmp_path / "adapter_config.json"))["bases"] == "identity"
+    # and it loads back as an identity adapter
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(build_model(arch), tmp_path)
+    assert all(m.sparsegrad_bases["default"].is_identity for m in sparsegrad_layers(loaded).values())
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=0, rtol=0)
+
+
+# ---- mixed precision ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_bf16_autocast_gradients_float32_and_close_to_fp32(arch):
+    """Under torch.autocast the forward runs in bf16; ΔW'.grad stays float32 and close to the fp32 gradient."""
+    grads = {}
+    for use_autocast in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(build_model(arch), SparseGradConfig(calibration_steps=2, init_weights=False,
+                                                                   calibration_dataloader=batch_stream(arch)))
+        create_sparsegrad_optimizer(model, lr=1e-2)
+        batch = next(batch_stream(arch, seed=4))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
+            out = model(**batch)
+        assert out.logits.dtype == (torch.bfloat16 if use_autocast else torch.float32)
+        out.loss.float().backward()
+        grads[use_autocast] = {n: m.sparsegrad_delta["default"].grad for n, m in sparsegrad_layers(model).items()}
+    for name, g in grads[True].items():
+        ref = grads[False][name]
+        assert g.dtype == torch.float32 and torch.isfinite(g).all()
+        assert ((g - ref).norm() / ref.norm()).item() < 3e-2, name

@@ -221,6 +221,29 @@ def test_round_trip_fresh_process(tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(arch):
+    # one set of bases for both runs: separate calibrations differ by float noise, which near-degenerate
+    # eigenvalues amplify into visibly different bases
+    bases = calibrate(build_model(arch), SparseGradConfig(calibration_steps=2), batch_stream(arch, seed=21),
+                      progress=False)
+    grads = {}
+    for checkpointing in (False, True):
+        base = build_model(arch)
+        if checkpointing:
+            base.gradient_checkpointing_enable()
+        base.train()
+        torch.manual_seed(0)  # same random ΔW' (init_weights=False) in both runs
+        model = get_peft_model(base, SparseGradConfig(precomputed_bases=bases, init_weights=False))
+        assert base.is_gradient_checkpointing == checkpointing
+        create_sparsegrad_optimizer(model, lr=1e-2)
+        model(**eval_batch(arch)).loss.backward()
+        grads[checkpointing] = {n: m.sparsegrad_delta["default"].grad for n, m in sparsegrad_layers(model).items()}
+    for name, g in grads[True].items():
+        ref = grads[False][name]
+        assert ref.abs().max() > 0
+        torch.testing.assert_close(g, ref, atol=1e-6 * ref.abs().max().item(), rtol=1e-5)
+
+
 # ---- disable / merge / unload ---------------------------------------------------------------------------------
 
 
