@@ -182,6 +182,21 @@ def test_nan_gradients_during_calibration():
         handle.remove()
 
 
+def test_short_dataloader_warns_and_still_calibrates():
+    with pytest.warns(UserWarning, match=r"ran out after 2 of calibration_steps=5"):
+        model = get_peft_model(build_model("bert"), SparseGradConfig(calibration_dataloader=batch_list("bert", 2),
+                                                                     calibration_steps=5))
+    assert all(not m.sparsegrad_bases["default"].is_identity for m in sparsegrad_layers(model).values())
+
+
+def test_checkpoint_config_without_weights_fails_clearly_at_forward():
+    """A saved config (bases='checkpoint', e.g. from PeftConfig.from_pretrained) passed to get_peft_model has no
+    bases until adapter weights are loaded: the forward says how to load it (or to pass bases=<adapter dir>)."""
+    model = get_peft_model(build_model("bert"), SparseGradConfig(bases="checkpoint"))
+    with pytest.raises(ValueError, match=r"no bases.*PeftModel\.from_pretrained"):
+        model(**batch_list("bert", 1)[0])
+
+
 def test_calibrate_function_errors_leave_model_untouched():
     model = _prepared_bert()
     with model_left_untouched(model):

@@ -176,6 +176,20 @@ def test_round_trip_in_process_and_config(arch, tmp_path):
     assert not torch.allclose(logits(trainable, batch), expected, atol=1e-6)
 
 
+def test_untrained_adapter_saves_empty_indices_and_loads(tmp_path):
+    arch = "gpt2"
+    model = make_peft(arch)
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    indices = [v for k, v in state.items() if k.endswith("sparsegrad_indices")]
+    assert len(indices) == 4 and all(v.shape == (2, 0) and v.dtype == torch.int32 for v in indices)
+    loaded = PeftModel.from_pretrained(build_model(arch), tmp_path, is_trainable=True)
+    batch = eval_batch(arch)
+    torch.testing.assert_close(logits(loaded, batch), logits(build_model(arch), batch), atol=1e-6, rtol=0)
+    train(loaded, arch, steps=1)
+    assert all(m.sparsegrad_delta["default"].any() for m in sparsegrad_layers(loaded).values())
+
+
 def test_round_trip_low_cpu_mem_usage(tmp_path):
     """low_cpu_mem_usage=True creates ΔW' on the meta device and assigns the loaded tensors."""
     arch = "gpt2"
