@@ -2,8 +2,9 @@
 checkpoint) *before* touching the model, swaps in SparseGradLinear, and stores adapters sparsely.
 
 Saved format (adapter_model.safetensors), per adapted layer ``<m>``:
-``<m>.sparsegrad_indices`` (int32, 2 × nnz: row, column of ΔW') and ``<m>.sparsegrad_values`` (float32, nnz), plus the
-bases once per layer type: ``sparsegrad_bases.<type>.U_out`` / ``.U_in`` (float32, absent for identity/MeProp).
+``<m>.sparsegrad_indices`` (int32, 2 × nnz: row, column of ΔW'), ``<m>.sparsegrad_values`` (float32, nnz) and
+``<m>.sparsegrad_shape`` (int32, (out, in) of ΔW'; optional when loading), plus the bases once per layer type:
+``sparsegrad_bases.<type>.U_out`` / ``.U_in`` (float32, absent for identity/MeProp).
 """
 
 from __future__ import annotations
@@ -140,6 +141,8 @@ class SparseGradModel(BaseTuner):
             rows, cols = torch.nonzero(value, as_tuple=True)  # the sparse change of W'
             out[f"{head}.sparsegrad_indices.{tail}"] = torch.stack([rows, cols]).to(torch.int32)
             out[f"{head}.sparsegrad_values.{tail}"] = value[rows, cols].float().contiguous()
+            # (out, in) of ΔW': without it a MeProp adapter (no bases saved) of a smaller model would load silently
+            out[f"{head}.sparsegrad_shape.{tail}"] = torch.tensor(tuple(value.shape), dtype=torch.int32)
         prefix = _PEFT_PREFIX if any(k.startswith(_PEFT_PREFIX) for k in state_dict) else ""
         for module in model.modules():
             if not isinstance(module, SparseGradLayer) or adapter_name not in module.sparsegrad_delta:
@@ -188,6 +191,11 @@ class SparseGradModel(BaseTuner):
             if layer is None:
                 raise ValueError(f"The checkpoint adapts '{head}', which is not a SparseGrad layer of this model.")
             shape = (layer.out_features, layer.in_features)
+            saved_shape = state_dict.pop(f"{head}.sparsegrad_shape", None)  # absent in older checkpoints
+            if saved_shape is not None and tuple(saved_shape.tolist()) != shape:
+                raise ValueError(f"The checkpoint's ΔW' for '{head}' is {tuple(saved_shape.tolist())} but the module's "
+                                 f"weight is {shape[0]} × {shape[1]}: this adapter was trained on a base model with "
+                                 "other shapes.")
             if indices.numel() and (indices[0].max() >= shape[0] or indices[1].max() >= shape[1]):
                 raise ValueError(f"The checkpoint's ΔW' for '{head}' does not fit the module's {shape[0]} × {shape[1]} "
                                  "weight: this adapter was trained on a base model with other shapes.")

@@ -315,6 +315,19 @@ def test_loading_adapter_onto_other_shapes_raises_clear_error(small_adapter_dir)
         assert torch.equal(state[k], v), k
 
 
+def test_loading_meprop_adapter_onto_other_shapes_raises(tmp_path):
+    """Identity (MeProp) adapters save no bases, so only the saved ΔW' shape can reveal the mismatch: indices of a
+    48-wide layer fit inside a 64-wide one."""
+    get_peft_model(_bert_with_intermediate(48), SparseGradConfig(bases="identity", init_weights=False)
+                   ).save_pretrained(tmp_path)
+    model = _prepared_bert()
+    originals = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"is \(48, 32\) but the module's weight is 64 × 32.*other shapes"):
+        PeftModel.from_pretrained(model, tmp_path)
+    state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "sparsegrad_" not in k}
+    assert all(torch.equal(state[k], v) for k, v in originals.items())
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "PeftModel.from_pretrained injects SparseGradLinear layers (and freezes the base model) before the checkpoint is "
     "read, so a shape mismatch found while loading leaves the injected, frozen model behind (PEFT does the same for "

@@ -190,6 +190,27 @@ def test_untrained_adapter_saves_empty_indices_and_loads(tmp_path):
     assert all(m.sparsegrad_delta["default"].any() for m in sparsegrad_layers(loaded).values())
 
 
+def test_checkpoint_without_shape_keys_still_loads(tmp_path):
+    """``<m>.sparsegrad_shape`` is optional on load (checkpoints written before it existed)."""
+    from safetensors.torch import save_file
+
+    arch = "bert"
+    model = make_peft(arch, keep_ratio=0.05)
+    train(model, arch)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    state = load_file(path)
+    shapes = {k: v for k, v in state.items() if k.endswith(".sparsegrad_shape")}
+    assert len(shapes) == 4 and all(v.dtype == torch.int32 for v in shapes.values())
+    for k, v in shapes.items():
+        layer = sparsegrad_layers(model)[k.removesuffix(".sparsegrad_shape")]
+        assert tuple(v.tolist()) == (layer.out_features, layer.in_features)
+    save_file({k: v for k, v in state.items() if k not in shapes}, str(path), metadata={"format": "pt"})
+    batch = eval_batch(arch)
+    loaded = PeftModel.from_pretrained(build_model(arch), tmp_path)
+    torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=1e-6, rtol=0)
+
+
 def test_round_trip_low_cpu_mem_usage(tmp_path):
     """low_cpu_mem_usage=True creates ΔW' on the meta device and assigns the loaded tensors."""
     arch = "gpt2"
