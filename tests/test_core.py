@@ -190,8 +190,12 @@ def _plain_layer_with(layer, delta: torch.Tensor) -> nn.Module:
     return plain
 
 
+@pytest.mark.parametrize("support", ["dense", "sparse"])
+@pytest.mark.parametrize("tokens", [15, 60])
 @pytest.mark.parametrize("which", ["fc", "conv"])
-def test_layer_forward_and_gradients_exact(which):
+def test_layer_forward_and_gradients_exact(which, tokens, support):
+    """Both backward paths (few tokens: rotate the activations; many: rotate ∂L/∂W) and both ΔW = U_out ΔW' U_inᵀ
+    paths (dense ΔW'; ΔW' supported on a few rows/columns: sparse-by-dense product)."""
     torch.manual_seed(0)
     net = _TwoLayers()
     bases = SparseGradBases({"fc": BasisPair(_random_orthogonal(16, 1), _random_orthogonal(24, 2)),
@@ -205,6 +209,14 @@ def test_layer_forward_and_gradients_exact(which):
     assert layer.get_base_layer().bias.requires_grad  # bias="sparsegrad_only"
     assert not layer.get_base_layer().weight.requires_grad
     create_sparsegrad_optimizer(model, lr=0.1)  # routes ΔW' (otherwise backward refuses)
+    if support == "sparse":
+        with torch.no_grad():
+            keep = torch.zeros_like(delta_prime, dtype=torch.bool)
+            keep[[1, 5, 5, 9], [2, 7, 11, 2]] = True
+            delta_prime.mul_(keep)
+        assert int((delta_prime != 0).sum()) == 4
+    pair = bases.pairs[which]
+    assert pair.prefers_activations(tokens) == (tokens == 15)  # both backward paths are exercised
 
     delta = layer.get_delta_weight("default")
     assert delta.shape == layer.get_base_layer().weight.shape
@@ -212,8 +224,8 @@ def test_layer_forward_and_gradients_exact(which):
 
     in_features = 24 if which == "fc" else 16
     out_features = 16 if which == "fc" else 24
-    x = torch.randn(3, 5, in_features, dtype=torch.float32)
-    upstream = torch.randn(3, 5, out_features)
+    x = torch.randn(3, tokens // 3, in_features, dtype=torch.float32)
+    upstream = torch.randn(3, tokens // 3, out_features)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
 
     y1 = layer(x1)
@@ -229,7 +241,6 @@ def test_layer_forward_and_gradients_exact(which):
     grad_w = upstream.reshape(-1, out_features).T @ x.reshape(-1, in_features)
     plain_grad_w = plain.weight.grad.T if which == "conv" else plain.weight.grad
     torch.testing.assert_close(plain_grad_w, grad_w, atol=1e-4, rtol=1e-5)
-    pair = bases.pairs[which]
     expected = pair.U_out.T @ grad_w @ pair.U_in
     torch.testing.assert_close(delta_prime.grad, expected, atol=1e-4, rtol=1e-5)
     wrong = pair.U_out.T @ grad_w @ pair.U_in.T  # the authors' transposed input basis
