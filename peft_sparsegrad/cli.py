@@ -1,0 +1,740 @@
+"""The ``sparsegrad`` command line (also ``python -m peft_sparsegrad``).
+
+    sparsegrad finetune  --task SST-2 --data-dir ../shared/data/glue --max-train-samples 2000 --output-dir runs/sst2
+    sparsegrad calibrate --task SST-2 --data-dir ../shared/data/glue --output bases.safetensors
+    sparsegrad finetune  ... --bases bases.safetensors          # reuse the bases: no second calibration
+    sparsegrad merge     --adapter runs/sst2 --output runs/sst2-merged
+    sparsegrad inspect   runs/sst2 [--base-model PATH]
+
+User errors (missing paths, unknown task or method, out-of-range values, an adapter that does not fit the base model)
+are reported as one line ``sparsegrad: error: ...`` on stderr with exit status 2. Set ``SPARSEGRAD_TRACEBACK=1`` to
+get the full traceback instead. Heavy imports (torch, transformers, peft) happen only once a command runs, so
+``--help`` and argument errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import warnings
+from typing import Any, Optional, Sequence
+
+PROG = "sparsegrad"
+METHODS = ("sparsegrad", "lora", "meprop", "full")  # == finetune.METHODS (kept here so --help needs no torch)
+DEFAULT_LR = {"sparsegrad": 1e-3, "meprop": 1e-3, "lora": 1e-3, "full": 5e-5}
+RESULTS_FILE = "results.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+# Names of the final classification layer of common SEQ_CLS heads (saved with the adapter as modules_to_save).
+_HEAD_SUFFIXES = ("classifier.weight", "classifier.out_proj.weight", "score.weight", "out_proj.weight")
+
+
+class CLIError(Exception):
+    """A user error the CLI reports as one line (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (``sparsegrad: error: ...``) instead of usage + message."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# argument types
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _keep_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0 or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (the paper uses 0.01), got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _add_model_data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, metavar="PATH",
+                   help="local directory (or hub id, online only) of a pretrained encoder; default: the packaged "
+                        "all-MiniLM-L6-v2")
+    d = p.add_argument_group("data (either --task [--data-dir] or --train-file [--validation-file])")
+    d.add_argument("--task", default=None, help="GLUE task, any spelling: SST-2, sst2, rte, STS-B, mnli, ...")
+    d.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="GLUE TSV root (<DIR>/<TASK>/train.tsv, dev.tsv); works offline. Without it the task is "
+                        "downloaded from the Hugging Face hub (nyu-mll/glue)")
+    d.add_argument("--train-file", default=None, metavar="FILE", help="your own training data (.csv or .jsonl)")
+    d.add_argument("--validation-file", default=None, metavar="FILE",
+                   help="validation data (.csv or .jsonl); default: 10%% of --train-file held out")
+    d.add_argument("--text-column", default="text", help="text column of --train-file (default: %(default)s)")
+    d.add_argument("--text-pair-column", default=None, help="second text column for sentence-pair data")
+    d.add_argument("--label-column", default="label", help="label column of --train-file (default: %(default)s)")
+    d.add_argument("--max-train-samples", type=_positive_int, default=None, metavar="N",
+                   help="train on a fixed random subset of N examples")
+    d.add_argument("--max-seq-length", type=_positive_int, default=128, metavar="N",
+                   help="truncate inputs to N tokens (default: %(default)s)")
+    d.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="default: %(default)s")
+    d.add_argument("--seed", type=int, default=0, help="seeds the head init, data order and subsets "
+                                                       "(default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="SparseGrad (Chekalina et al., EMNLP 2024): sparse fine-tuning of the MLP layers in a basis where "
+                    "their gradients are sparse, as a Hugging Face PEFT method.",
+        epilog="Errors are reported as one line; SPARSEGRAD_TRACEBACK=1 shows the traceback.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    ft = sub.add_parser(
+        "finetune", help="fine-tune a sequence classifier (sparsegrad, lora, meprop or full) and save it",
+        description="Calibrate (SparseGrad), train, evaluate on the validation split, save the adapter (or the full "
+                    "model for --method full) with its tokenizer and results.json, reload it from disk and show "
+                    "predictions for three validation sentences.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_data_options(ft)
+    m = ft.add_argument_group("method")
+    m.add_argument("--method", default="sparsegrad", choices=METHODS,
+                   help="sparsegrad: top-k in the calibrated basis; meprop: top-k in the original basis; lora: LoRA on "
+                        "the same MLP layers with a rank matching the budget; full: all parameters")
+    m.add_argument("--keep-ratio", type=_keep_ratio, default=0.01,
+                   help="share of each MLP weight updated per step (also sets LoRA's matched rank)")
+    m.add_argument("--calibration-steps", type=_positive_int, default=30, help="calibration batches (sparsegrad)")
+    m.add_argument("--bases", default=None, metavar="PATH",
+                   help="reuse bases instead of calibrating: a file from `sparsegrad calibrate` or a saved SparseGrad "
+                        "adapter directory (sparsegrad only)")
+    m.add_argument("--sparse-optimizer", default="adamw", choices=["adamw", "sparse_adam"],
+                   help="update rule of the sparse entries: adamw (state only for entries ever selected) or "
+                        "sparse_adam (paper-faithful lazy Adam)")
+    t = ft.add_argument_group("training")
+    t.add_argument("--epochs", type=_positive_float, default=3.0)
+    t.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate; default per method: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()))
+    t.add_argument("--max-eval-samples", type=_positive_int, default=None, metavar="N",
+                   help="evaluate on a fixed random subset of N validation examples")
+    t.add_argument("--output-dir", required=True, metavar="DIR", help="where the adapter/model and results go")
+    t.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ft.set_defaults(func=cmd_finetune)
+
+    cal = sub.add_parser(
+        "calibrate", help="run only the calibration pass and save the bases",
+        description="Run the SparseGrad calibration pass (forward + backward on --calibration-steps training batches, "
+                    "no optimizer step) and write the per-layer-type bases U_out, U_in to a .safetensors file that "
+                    "`sparsegrad finetune --bases FILE` reuses.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_data_options(cal)
+    cal.add_argument("--calibration-steps", type=_positive_int, default=30, help="calibration batches")
+    cal.add_argument("--basis-method", default="gram", choices=["gram", "tensorly"],
+                     help="gram: streaming (memory out²+in²); tensorly: reference HOSVD of the stacked gradients")
+    cal.add_argument("--output", required=True, metavar="FILE", help="bases file to write (.safetensors)")
+    cal.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    cal.set_defaults(func=cmd_calibrate)
+
+    mg = sub.add_parser(
+        "merge", help="merge an adapter into its base model and save a plain transformers model",
+        description="Load the base model, apply the adapter, merge it into the weights and save a model that loads "
+                    "with plain transformers (no peft, no peft_sparsegrad).",
+    )
+    mg.add_argument("--base-model", default=None, metavar="PATH",
+                    help="base model the adapter was trained on (default: the packaged all-MiniLM-L6-v2)")
+    mg.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory (from `sparsegrad finetune`)")
+    mg.add_argument("--output", required=True, metavar="DIR", help="directory for the merged model")
+    mg.set_defaults(func=cmd_merge)
+
+    ins = sub.add_parser(
+        "inspect", help="describe a saved adapter",
+        description="Show an adapter's method, keep ratio, layer types with their bases, per-layer k and stored "
+                    "non-zeros, stored parameters and file size; with --base-model, check that it loads onto that "
+                    "base model.",
+    )
+    ins.add_argument("adapter", metavar="ADAPTER_DIR")
+    ins.add_argument("--base-model", default=None, metavar="PATH", help="check that the adapter loads onto this model")
+    ins.set_defaults(func=cmd_inspect)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _quiet_libraries() -> None:
+    # bitsandbytes (imported by peft) logs a warning about optional CPU kernels on import; it is not about SparseGrad.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft calls transformers' deprecated is_gradient_checkpointing on every get_peft_model/from_pretrained
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' load report/progress bar while loading a base model whose head is replaced anyway."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _model_path(path: Optional[str], option: str = "--model") -> str:
+    from .finetune import default_model_path
+
+    if path is None:
+        return default_model_path()
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise CLIError(f"{option} {path!r} is not a model directory (no config.json)")
+        return path
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path:
+        raise CLIError(f"{option} {path!r} is not a model directory")
+    return path  # a hub id: transformers resolves it (online only)
+
+
+def _from_pretrained(loader, path: str, option: str, **kwargs):
+    """``loader.from_pretrained`` with a missing/unreachable model reported as a CLI error, not a traceback."""
+    try:
+        with _quiet_transformers():
+            return loader.from_pretrained(path, **kwargs)
+    except OSError as exc:  # transformers: not a local dir and not reachable on the hub, or files missing
+        raise CLIError(f"{option} {path!r} could not be loaded: {_one_line(exc)}") from exc
+
+
+def _check_data_args(args) -> None:
+    """Cheap checks before any heavy import."""
+    if args.task and args.train_file:
+        raise CLIError("give either --task (GLUE) or --train-file (your own data), not both")
+    if not args.task and not args.train_file:
+        raise CLIError("no data: give --task (with --data-dir for the GLUE TSVs) or --train-file")
+    if args.task:
+        from .data import resolve_task
+
+        resolve_task(args.task)  # ValueError listing the valid names
+        if args.data_dir is not None and not os.path.isdir(args.data_dir):
+            raise CLIError(f"--data-dir {args.data_dir!r} is not a directory (expected the GLUE TSV layout "
+                           "<DIR>/<TASK>/train.tsv)")
+        if args.validation_file:
+            raise CLIError("--validation-file goes with --train-file; a GLUE --task uses its dev split")
+    else:
+        if args.data_dir is not None:
+            raise CLIError("--data-dir goes with --task; for your own files use --train-file/--validation-file")
+        for option, path in (("--train-file", args.train_file), ("--validation-file", args.validation_file)):
+            if path is not None and not os.path.isfile(path):
+                raise CLIError(f"{option} {path!r} does not exist")
+
+
+class _Data:
+    """Tokenized train/validation splits plus what the head and the metric need."""
+
+    def __init__(self, args, tokenizer) -> None:
+        from .data import load_glue, load_text_file, resolve_task, subsample, tokenize
+
+        if args.task:
+            spec = resolve_task(args.task)
+            try:
+                raw = load_glue(spec, args.data_dir)
+            except RuntimeError as exc:  # hub unreachable (load_glue's own, actionable message)
+                raise CLIError(_one_line(exc)) from exc
+            self.name, self.metric, self.num_labels = spec.name, spec, spec.num_labels
+            self.label_names = list(spec.label_names) if spec.label_names else None
+            self.metric_name = spec.metric
+        else:
+            raw, self.num_labels, self.label_names = load_text_file(
+                args.train_file, args.text_column, args.text_pair_column, args.label_column, seed=args.seed,
+                validation_path=args.validation_file)
+            self.name = os.path.basename(args.train_file)
+            self.metric_name = self.metric = "pearson" if self.num_labels == 1 else "accuracy"
+            if self.label_names is None and self.num_labels > 1:
+                self.label_names = [str(i) for i in range(self.num_labels)]
+        if len(raw["train"]) == 0 or len(raw["validation"]) == 0:
+            raise CLIError(f"{self.name}: the training or validation split is empty")
+        self.raw_train = subsample(raw["train"], args.max_train_samples, seed=args.seed)
+        self.raw_dev = subsample(raw["validation"], getattr(args, "max_eval_samples", None), seed=args.seed)
+        self.train = tokenize(self.raw_train, tokenizer, args.max_seq_length)
+        self.dev = tokenize(self.raw_dev, tokenizer, args.max_seq_length)
+
+
+def _prepare_datasets():
+    import datasets
+
+    datasets.disable_progress_bars()  # the tokenizing bars of tiny maps are noise next to calibration/training
+
+
+def _label_of(value, label_names: Optional[list[str]]) -> str:
+    if label_names and isinstance(value, int):
+        return label_names[value]
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# adapters on disk
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _read_adapter_dir(path: str) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """adapter_config.json and the (name -> shape) of the stored tensors, with clear errors."""
+    from safetensors import safe_open
+
+    if not os.path.isdir(path):
+        raise CLIError(f"adapter directory {path!r} does not exist")
+    config_file = os.path.join(path, ADAPTER_CONFIG)
+    if not os.path.isfile(config_file):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            raise CLIError(f"{path!r} holds a full model (e.g. from --method full), not an adapter: nothing to merge "
+                           "or inspect; load it with transformers directly")
+        raise CLIError(f"{path!r} is not an adapter directory (no {ADAPTER_CONFIG})")
+    with open(config_file) as f:
+        config = json.load(f)
+    weights = os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise CLIError(f"{path!r} has no {ADAPTER_WEIGHTS}")
+    shapes = {}
+    with safe_open(weights, framework="pt") as f:
+        for key in f.keys():
+            shapes[key] = tuple(f.get_slice(key).get_shape())
+    return config, shapes
+
+
+def _results_of(path: str) -> dict:
+    file = os.path.join(path, RESULTS_FILE)
+    if os.path.isfile(file):
+        with open(file) as f:
+            return json.load(f)
+    return {}
+
+
+def _adapter_num_labels(path: str, config: dict, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Number of labels of the classification head saved with the adapter (its output dimension)."""
+    heads = [(key, shape) for key, shape in shapes.items()
+             if len(shape) == 2 and key.endswith(_HEAD_SUFFIXES) and "lora_" not in key]
+    if heads:
+        heads.sort(key=lambda kv: _HEAD_SUFFIXES.index(next(s for s in _HEAD_SUFFIXES if kv[0].endswith(s))))
+        return int(heads[0][1][0])
+    results = _results_of(path)
+    if "num_labels" in results:
+        return int(results["num_labels"])
+    raise CLIError(f"cannot tell the number of labels of {path!r}: the adapter stores no classification head "
+                   f"({', '.join(_HEAD_SUFFIXES)}) and there is no {RESULTS_FILE}")
+
+
+def load_adapter(adapter_dir: str, base_model: Optional[str] = None, option: str = "--base-model"):
+    """Fresh base model (head sized from the adapter) + ``PeftModel.from_pretrained``; mismatches -> CLIError.
+
+    Returns (peft_model, label_names).
+    """
+    import peft_sparsegrad  # noqa: F401  (registers SPARSEGRAD with PEFT)
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    config, shapes = _read_adapter_dir(adapter_dir)
+    base_path = _model_path(base_model, option)
+    num_labels = _adapter_num_labels(adapter_dir, config, shapes)
+    label_names = _results_of(adapter_dir).get("label_names")
+    kwargs: dict[str, Any] = {"num_labels": num_labels}
+    if label_names and len(label_names) == num_labels and num_labels > 1:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    base = _from_pretrained(AutoModelForSequenceClassification, base_path, option, **kwargs)
+    try:
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    except RuntimeError as exc:  # torch's load_state_dict: "size mismatch for ..." (e.g. LoRA on another model)
+        if "size mismatch" not in str(exc):
+            raise
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), _one_line(exc))
+        raise CLIError(f"the adapter {adapter_dir!r} does not fit the base model {base_path!r}: {first}") from exc
+    except ValueError as exc:  # SparseGrad's shape checks, PEFT's "target modules not found"
+        raise CLIError(f"the adapter {adapter_dir!r} does not load onto the base model {base_path!r}: "
+                       f"{_one_line(exc)}") from exc
+    model.eval()
+    return model, label_names
+
+
+def _logits(model, tokenizer, texts: list[str], pairs: Optional[list[str]] = None, max_length: int = 128):
+    import torch
+
+    model.eval()
+    enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits.float()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def cmd_finetune(args) -> int:
+    _check_data_args(args)
+    if args.bases is not None:
+        if args.method != "sparsegrad":
+            raise CLIError(f"--bases applies to --method sparsegrad only (got --method {args.method})")
+        if not os.path.exists(args.bases):
+            raise CLIError(f"--bases {args.bases!r} does not exist (write one with `sparsegrad calibrate`)")
+    if os.path.isfile(args.output_dir):
+        raise CLIError(f"--output-dir {args.output_dir!r} is a file")
+    model_path = _model_path(args.model)
+
+    _quiet_libraries()
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .bases import load_bases
+    from .data import make_collator
+    from .finetune import calibration_batches, load_base_model, peak_rss_mb, setup_method, train_and_evaluate
+
+    _prepare_datasets()
+    if args.bases is not None:
+        from safetensors import SafetensorError
+
+        try:
+            load_bases(args.bases)  # a wrong file fails now (ValueError), before the model is loaded
+        except SafetensorError as exc:
+            raise CLIError(f"--bases {args.bases!r} is not a SparseGrad bases file ({_one_line(exc)})") from exc
+    tokenizer = _from_pretrained(AutoTokenizer, model_path, "--model")
+    data = _Data(args, tokenizer)
+    collator = make_collator(tokenizer)
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
+    print(f"{data.name}: {len(data.train)} training / {len(data.dev)} validation examples, "
+          f"{data.num_labels} label(s); method {args.method}, lr {lr:g}", flush=True)
+
+    try:
+        with _quiet_transformers():
+            base = load_base_model(model_path, data.num_labels, args.seed, data.label_names)
+    except OSError as exc:
+        raise CLIError(f"--model {model_path!r} could not be loaded: {_one_line(exc)}") from exc
+    if args.method == "sparsegrad":
+        print(f"Bases: reusing {args.bases}" if args.bases else
+              f"Bases: calibrating on {args.calibration_steps} batches of {args.batch_size}", flush=True)
+    setup = setup_method(args.method, base, args.keep_ratio,
+                         calibration_batches(data.train, collator, args.batch_size, args.seed),
+                         args.calibration_steps, bases=args.bases, sparse_optimizer=args.sparse_optimizer)
+    print(f"Trainable per step: {setup.trainable_params:,} ({setup.note})", flush=True)
+
+    with tempfile.TemporaryDirectory() as workdir:
+        result = train_and_evaluate(setup, data.train, data.dev, collator, data.metric, lr=lr, epochs=args.epochs,
+                                    batch_size=args.batch_size, seed=args.seed, output_dir=workdir,
+                                    progress=not args.no_progress)
+    trainer = result.pop("trainer")
+    model = trainer.model
+    metrics = result["metrics"]
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "score")
+    print(f"Dev {data.metric_name}: {result['score']:.4f} ({shown})", flush=True)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    with _quiet_transformers():
+        model.save_pretrained(args.output_dir)
+        tokenizer.save_pretrained(args.output_dir)
+    results = {
+        "task": data.name, "method": args.method, "metric": data.metric_name, "score": result["score"],
+        "metrics": metrics, "train_loss": result["train_loss"], "step_time_s": result["step_time_s"],
+        "trainable_params": setup.trainable_params, "note": setup.note, "lr": lr, "epochs": args.epochs,
+        "batch_size": args.batch_size, "max_seq_length": args.max_seq_length, "seed": args.seed,
+        "keep_ratio": args.keep_ratio if args.method != "full" else None,
+        "bases": (args.bases or f"calibrated ({args.calibration_steps} steps)") if args.method == "sparsegrad" else None,
+        "sparse_optimizer": args.sparse_optimizer if args.method in ("sparsegrad", "meprop") else None,
+        "calibration_steps": args.calibration_steps if args.method == "sparsegrad" and not args.bases else None,
+        "train_samples": len(data.train), "eval_samples": len(data.dev), "num_labels": data.num_labels,
+        "label_names": data.label_names, "model": model_path, "peak_rss_mb": round(peak_rss_mb(), 1),
+        "torch": torch.__version__,
+    }
+    with open(os.path.join(args.output_dir, RESULTS_FILE), "w") as f:
+        json.dump(results, f, indent=2)
+    kind = "model" if args.method == "full" else "adapter"
+    print(f"Saved the {kind}, tokenizer and {RESULTS_FILE} to {args.output_dir}", flush=True)
+
+    # Reload from disk, as a user would, and check it reproduces the trained model.
+    rows = data.raw_dev.select(range(min(3, len(data.raw_dev))))
+    texts = list(rows["text"])
+    pairs = list(rows["text_pair"]) if "text_pair" in rows.column_names else None
+    trained = _logits(model, tokenizer, texts, pairs, args.max_seq_length)
+    if args.method == "full":
+        reloaded = _from_pretrained(AutoModelForSequenceClassification, args.output_dir, "--output-dir")
+        label_names = data.label_names
+    else:
+        reloaded, label_names = load_adapter(args.output_dir, model_path, "--model")
+    again = _logits(reloaded, tokenizer, texts, pairs, args.max_seq_length)
+    diff = (trained - again).abs().max().item()
+    print(f"Reloaded the {kind} from {args.output_dir}: max |Δ logits| vs. the trained model = {diff:.2e}")
+    if diff > 1e-3:
+        print(f"warning: the reloaded {kind} does not reproduce the trained model's outputs", file=sys.stderr)
+    print("Predictions of the reloaded model on validation examples:")
+    for i, text in enumerate(texts):
+        row = again[i]
+        pred = f"{row[0].item():.2f}" if row.numel() == 1 else _label_of(int(row.argmax()), label_names)
+        gold = _label_of(rows[i]["label"], label_names)
+        shown_text = text if pairs is None else f"{text} ||| {pairs[i]}"
+        shown_text = shown_text if len(shown_text) <= 90 else shown_text[:87] + "..."
+        print(f"  {pred:>14}  (gold {gold})  {shown_text!r}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    _check_data_args(args)
+    if not args.output.endswith(".safetensors"):
+        raise CLIError(f"--output must be a .safetensors file, got {args.output!r}")
+    if os.path.isdir(args.output):
+        raise CLIError(f"--output {args.output!r} is a directory")
+    model_path = _model_path(args.model)
+
+    _quiet_libraries()
+    from transformers import AutoTokenizer
+
+    from .bases import save_bases
+    from .calibration import calibrate
+    from .config import SparseGradConfig
+    from .data import make_collator
+    from .finetune import calibration_batches, load_base_model
+
+    _prepare_datasets()
+    tokenizer = _from_pretrained(AutoTokenizer, model_path, "--model")
+    args.max_eval_samples = 1  # calibration never looks at the validation split
+    data = _Data(args, tokenizer)
+    collator = make_collator(tokenizer)
+    try:
+        with _quiet_transformers():
+            model = load_base_model(model_path, data.num_labels, args.seed, data.label_names)
+    except OSError as exc:
+        raise CLIError(f"--model {model_path!r} could not be loaded: {_one_line(exc)}") from exc
+    config = SparseGradConfig(task_type="SEQ_CLS", calibration_steps=args.calibration_steps,
+                              basis_method=args.basis_method)
+    print(f"{data.name}: calibrating on {args.calibration_steps} batches of {args.batch_size} "
+          f"(from {len(data.train)} training examples)", flush=True)
+    bases = calibrate(model, config, calibration_batches(data.train, collator, args.batch_size, args.seed)(),
+                      progress=not args.no_progress)
+    save_bases(bases, args.output)
+    print(f"Wrote bases for {len(bases.pairs)} layer type(s) to {args.output}:")
+    for layer_type, pair in bases.pairs.items():
+        members = bases.members.get(layer_type, [])
+        print(f"  {layer_type}: U_out {_shape(pair.U_out)}, U_in {_shape(pair.U_in)}, shared by {len(members)} layers")
+    print(f"Reuse them with: sparsegrad finetune ... --bases {args.output}")
+    return 0
+
+
+def _shape(t) -> str:
+    return " × ".join(str(s) for s in tuple(t.shape))
+
+
+def cmd_merge(args) -> int:
+    if os.path.isfile(args.output):
+        raise CLIError(f"--output {args.output!r} is a file")
+    if os.path.abspath(args.output) == os.path.abspath(args.adapter):
+        raise CLIError("--output must differ from --adapter")
+    _read_adapter_dir(args.adapter)  # cheap checks first
+    _model_path(args.base_model, "--base-model")
+
+    _quiet_libraries()
+    from transformers import AutoTokenizer
+
+    model, _ = load_adapter(args.adapter, args.base_model)
+    base_path = _model_path(args.base_model, "--base-model")
+    tok_dir = args.adapter if os.path.isfile(os.path.join(args.adapter, "tokenizer_config.json")) else base_path
+    tokenizer = None
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    except (OSError, ValueError):  # a base model without a tokenizer: the merged model is still usable
+        print(f"note: no tokenizer found in {tok_dir}; saving the model only")
+    probe = ["SparseGrad merges into the base weights.", "A short check sentence."]
+    before = _logits(model, tokenizer, probe) if tokenizer is not None else None
+    merged = model.merge_and_unload()
+    os.makedirs(args.output, exist_ok=True)
+    with _quiet_transformers():
+        merged.save_pretrained(args.output)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(args.output)
+    print(f"Merged {args.adapter} into {base_path} and saved a plain transformers model to {args.output}")
+    if before is not None:
+        diff = (before - _logits(merged, tokenizer, probe)).abs().max().item()
+        print(f"max |Δ logits| merged vs. adapter = {diff:.2e}")
+    return 0
+
+
+def _meta_shapes(model_path: str, num_labels: int) -> dict[str, tuple[int, int]]:
+    """(out, in) of every Linear/Conv1D of the base model, built on the meta device (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from .targets import is_supported_layer, weight_shape
+
+    with _quiet_transformers():
+        config = AutoConfig.from_pretrained(model_path, num_labels=num_labels)
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    return {name: weight_shape(m) for name, m in model.named_modules() if name and is_supported_layer(m)}
+
+
+def cmd_inspect(args) -> int:
+    config, shapes = _read_adapter_dir(args.adapter)
+    if args.base_model is not None:
+        _model_path(args.base_model, "--base-model")
+    _quiet_libraries()
+    from .bases import split_bases_key
+    from .targets import layer_role
+
+    peft_type = str(config.get("peft_type", "?"))
+    results = _results_of(args.adapter)
+    weights = os.path.join(args.adapter, ADAPTER_WEIGHTS)
+    base_name = config.get("base_model_name_or_path")
+    print(f"Adapter: {args.adapter}")
+    if peft_type.upper() == "SPARSEGRAD":
+        method = "meprop" if config.get("bases") == "identity" else "sparsegrad"
+    else:
+        method = peft_type.lower()
+    print(f"method: {method} (peft_type {peft_type}, task_type {config.get('task_type')})")
+    print(f"base model: {base_name}")
+    if results:
+        print(f"trained on: {results.get('task')} ({results.get('train_samples')} examples); dev "
+              f"{results.get('metric')} = {results.get('score', float('nan')):.4f}")
+
+    head_params = sum(math.prod(s) for k, s in shapes.items()
+                      if split_bases_key(k)[0] is None and ".sparsegrad_" not in k and "lora_" not in k)
+    if method in ("sparsegrad", "meprop"):
+        keep_ratio = float(config.get("keep_ratio", float("nan")))
+        print(f"keep ratio: {keep_ratio:g} (k = ⌈keep_ratio · out · in⌉ per layer)")
+        bases: dict[str, dict[str, tuple[int, ...]]] = {}
+        for key, shape in shapes.items():
+            layer_type, name = split_bases_key(key)
+            if layer_type is not None:
+                bases.setdefault(layer_type, {})[name] = shape
+        layers = {key.removesuffix(".sparsegrad_indices").removeprefix(_PEFT_PREFIX): shape[1]
+                  for key, shape in shapes.items() if key.endswith(".sparsegrad_indices")}
+        type_of = {}
+        for name in layers:
+            role = layer_role(name)
+            type_of[name] = next((t for t in bases if t == role or t.startswith(role + "[")), role)
+        layer_shape: dict[str, Optional[tuple[int, int]]] = {}
+        for name in layers:
+            b = bases.get(type_of[name])
+            layer_shape[name] = (b["U_out"][0], b["U_in"][0]) if b else None
+        if any(s is None for s in layer_shape.values()):  # MeProp stores no bases: take shapes from the base model
+            source = args.base_model or (base_name if base_name and os.path.isdir(base_name) else None)
+            if source is not None:
+                try:
+                    meta = _meta_shapes(source, _adapter_num_labels(args.adapter, config, shapes))
+                except (OSError, ValueError, KeyError):
+                    meta = {}
+                for name in layer_shape:
+                    layer_shape[name] = layer_shape[name] or meta.get(name)
+        print(f"layer types ({len(bases) or len(set(type_of.values()))}):")
+        for layer_type in sorted(set(type_of.values())):
+            count = sum(1 for t in type_of.values() if t == layer_type)
+            if layer_type in bases:
+                b = bases[layer_type]
+                print(f"  {layer_type}: bases U_out {b['U_out'][0]} × {b['U_out'][1]}, "
+                      f"U_in {b['U_in'][0]} × {b['U_in'][1]}; {count} layers")
+            else:
+                print(f"  {layer_type}: identity bases (MeProp); {count} layers")
+        print("layers:")
+        total_k = total_nnz = 0
+        for name in sorted(layers, key=_natural_key):
+            nnz, shape = layers[name], layer_shape[name]
+            total_nnz += nnz
+            if shape is None:
+                print(f"  {name}: shape unknown (pass --base-model), stored nnz {nnz:,}")
+                continue
+            k = max(1, math.ceil(keep_ratio * shape[0] * shape[1]))
+            total_k += k
+            print(f"  {name}: {shape[0]} × {shape[1]}, k {k:,}/step, stored nnz {nnz:,} "
+                  f"({nnz / (shape[0] * shape[1]):.2%} of W')")
+        bases_params = sum(math.prod(s) for k, s in shapes.items() if split_bases_key(k)[0] is not None)
+        print(f"per-step budget Σk: {total_k:,}" if total_k else "per-step budget Σk: unknown")
+        print(f"trainable (stored) parameters: {total_nnz + head_params:,} = {total_nnz:,} ΔW' non-zeros + "
+              f"{head_params:,} dense head/modules_to_save; plus {bases_params:,} basis entries (fixed, not trained)")
+    else:
+        adapter_params = sum(math.prod(s) for k, s in shapes.items() if "lora_" in k)
+        if "r" in config:
+            print(f"rank: {config['r']}, alpha: {config.get('lora_alpha')}, targets: {config.get('target_modules')}")
+        print(f"trainable (stored) parameters: {adapter_params + head_params:,} = {adapter_params:,} adapter + "
+              f"{head_params:,} dense head/modules_to_save")
+    size = os.path.getsize(weights)
+    total = sum(os.path.getsize(os.path.join(args.adapter, f)) for f in os.listdir(args.adapter)
+                if os.path.isfile(os.path.join(args.adapter, f)))
+    print(f"file size: {ADAPTER_WEIGHTS} {_mb(size)} (directory {_mb(total)})")
+
+    if args.base_model is not None:
+        sys.stdout.flush()
+        load_adapter(args.adapter, args.base_model)  # raises CLIError with the reason
+        print(f"loads onto {args.base_model}: yes")
+    return 0
+
+
+def _natural_key(name: str):
+    return [int(part) if part.isdigit() else part for part in name.split(".")]
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 user error). ``sys.exit(main())`` is the console script."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:  # --help (0) or an argument error (2, already printed as one line)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return args.func(args)
+    except (CLIError, ValueError, TypeError, FileNotFoundError) as exc:
+        if os.environ.get("SPARSEGRAD_TRACEBACK") == "1":
+            raise
+        sys.stdout.flush()
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
