@@ -86,6 +86,13 @@ class SparseGradConfig(PeftConfig):
         default=None,
         metadata={"help": "Extra modules trained densely and saved with the adapter, e.g. ['classifier']."},
     )
+    layer_shapes: Optional[dict[str, list[int]]] = field(
+        default=None,
+        metadata={
+            "help": "Filled in automatically: (out, in) of every layer type adapted. Saved with the adapter so that "
+            "loading onto a base model with other shapes fails before the model is touched."
+        },
+    )
     calibration_dataloader: Optional[Iterable[Any]] = field(
         default=None,
         repr=False,

@@ -68,6 +68,12 @@ class SparseGradModel(BaseTuner):
         shapes = {name: weight_shape(m.get_base_layer() if hasattr(m, "get_base_layer") else m)
                   for name, m in targets.items()}
         layer_types = assign_layer_types(shapes)
+        type_shapes = {t: list(shapes[name]) for name, t in layer_types.items()}
+        if config.layer_shapes is not None and config.bases == "checkpoint" and config.layer_shapes != type_shapes:
+            raise ValueError(
+                f"This adapter was trained on a base model with other shapes: it adapts layer types (out, in) "
+                f"{config.layer_shapes}, this model has {type_shapes}. Load it onto the base model it was trained on."
+            )
         pairs = self._obtain_bases(model, config, targets, layer_types, shapes)
         self._injection = (layer_types, pairs)
         try:
@@ -75,6 +81,7 @@ class SparseGradModel(BaseTuner):
         finally:
             del self._injection
         config.calibration_dataloader = None  # consumed; don't keep the data alive with the model
+        config.layer_shapes = type_shapes
 
     @staticmethod
     def _obtain_bases(model, config, targets, layer_types, shapes) -> dict[str, Optional[BasisPair]]:

@@ -328,10 +328,6 @@ def test_loading_meprop_adapter_onto_other_shapes_raises(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in originals.items())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PeftModel.from_pretrained injects SparseGradLinear layers (and freezes the base model) before the checkpoint is "
-    "read, so a shape mismatch found while loading leaves the injected, frozen model behind (PEFT does the same for "
-    "LoRA). Values are untouched (test above)."))
 def test_loading_adapter_onto_other_shapes_leaves_model_exactly_as_it_was(small_adapter_dir):
     model = _prepared_bert()
     with model_left_untouched(model):
