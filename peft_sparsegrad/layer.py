@@ -217,6 +217,7 @@ class SparseGradLinear(nn.Module, SparseGradLayer):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             weight.data.copy_(merged.to(weight.dtype))
             self.merged_adapters.append(name)
+            self._weight_cache = None  # writes through .data don't bump the version counter the cache is keyed on
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -227,6 +228,7 @@ class SparseGradLinear(nn.Module, SparseGradLayer):
             name = self.merged_adapters.pop()
             if name in self.sparsegrad_delta:
                 weight.data.copy_((weight.data.float() - self.get_delta_weight(name).float()).to(weight.dtype))
+        self._weight_cache = None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
