@@ -1,0 +1,1072 @@
+"""Speed and memory benchmark: SparseGrad vs LoRA, MeProp, GaLore and full fine-tuning, plus the cost of the bases.
+
+    python benchmarks/speed_memory.py                       # MiniLM-L6 + LLaMA-like (8 blocks) + 7B Gram timing
+    python benchmarks/speed_memory.py --llama-layers 4 --gram-steps 2 --gram-eigh-max 4096   # small CPU budget
+    python benchmarks/speed_memory.py --device cuda --dtype bf16 --models llama-gpu
+    python benchmarks/speed_memory.py --quick --output-dir /tmp/bench   # CI smoke run (< 1 min)
+
+This is a measurement script, not a test: nothing here passes or fails on a timing.
+
+Protocol. Every (model, method) runs in its own subprocess (``--worker``), so peak memory is that method's own.
+A plain PyTorch loop trains on fixed synthetic batches (random token ids and labels, ``--batch-size`` ×
+``--seq-len``): ``--warmup`` steps, then ``--steps`` timed optimizer steps (forward + backward + optimizer.step +
+zero_grad); the step time is their median (wall clock; the process CPU time is reported too, as it is less sensitive
+to other load on a shared machine). Memory, all per worker:
+
+* CPU: ``peak RSS`` = ``getrusage(RUSAGE_SELF).ru_maxrss`` (whole process lifetime, calibration included);
+  ``baseline`` = RSS right after the base model is built (libraries already imported, before any method wrapping);
+  the RSS high-water mark of the *training loop* (``/proc/self/status`` VmHWM, reset through
+  ``/proc/self/clear_refs`` after setup) minus the baseline is ``train over baseline``; the same for the setup phase
+  (PEFT wrapping, calibration) is ``setup over baseline``. RSS includes allocator slack and activations: indicative.
+* GPU: ``torch.cuda.max_memory_allocated`` (reset after setup for the training phase) and the allocated baseline.
+* Exactly counted bytes: parameters (all / trainable), gradients (sum of ``.grad`` numel · itemsize over all
+  parameters after the first backward, before the optimizer step), optimizer state (every tensor storage reachable
+  from ``optimizer.state`` after the last timed step, incl. GaLore's projection matrices), and adapter extras
+  (tensors a tuner layer holds outside its parameters and buffers: SparseGrad's bases U_out/U_in, its cached
+  effective weight).
+
+Methods (all PEFT methods train the same MLP layers + the classification head, as ``peft_sparsegrad.finetune``
+does): ``full`` (all params, torch.optim.AdamW); ``lora`` (PEFT LoRA, rank = ``mlp_budget(model,
+keep_ratio)["lora_rank"]`` so its trainable MLP params match SparseGrad's Σ k; AdamW); ``meprop``
+(SparseGradConfig(bases="identity"), create_sparsegrad_optimizer in the lean "adamw" mode); ``sparsegrad`` (bases
+calibrated on ``--calibration-steps`` synthetic batches, ``sparse_adam`` = paper-faithful lazy Adam with dense
+moments); ``sparsegrad-lean`` (the same bases, reused from the sparsegrad worker, "adamw" mode: state only on the
+entries ever selected); ``galore`` (galore-torch GaLoreAdamW on the same MLP weight matrices, rank = the LoRA rank,
+update_proj_gap 200, scale 0.25, head in a plain group; only MLP weights + head trainable. Its SVD runs on the first
+step, i.e. in the warm-up, then every 200 steps: the timed median excludes it, the warm-up times in the JSON
+include it).
+
+Calibration cost. (a) The ``sparsegrad`` worker times ``peft_sparsegrad.calibrate`` (what ``get_peft_model`` runs:
+N forward + backward passes with Gram hooks, then the eigendecompositions), with the Gram accumulation and the
+bases step timed separately; the report compares it with N training steps. (b) ``--gram-shapes`` (default
+LLaMA-2-7B's MLP, (11008, 4096) and (4096, 11008)) with synthetic random gradients: the time of each
+``GramAccumulator.add`` over ``--gram-steps`` gradients per shape (both accumulators alive, as in a calibration), and
+the eigendecomposition of each Gram matrix (what ``GramAccumulator.bases()`` does: float64 eigh, descending order,
+float32 copy), with the peak extra memory over a baseline taken after the synthetic gradients exist.
+Eigendecompositions larger than ``--gram-eigh-max`` are *not run* but extrapolated, time as (n / n_measured)³ and
+memory as (n / n_measured)² from the largest measured size, and flagged. The extrapolation to a full calibration
+(30 steps × 32 blocks) is written as a formula and a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+ALL_METHODS = ("full", "lora", "meprop", "sparsegrad", "sparsegrad-lean", "galore")
+MODELS = ("minilm", "llama", "llama-gpu", "tiny-bert")
+MIB = 2**20
+
+# --------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=None, help=f"comma list of {', '.join(MODELS)} (default minilm,llama)")
+    p.add_argument("--methods", default=",".join(ALL_METHODS))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (>= 2 for real runs)")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps (median reported; >= 5 for real runs)")
+    p.add_argument("--keep-ratio", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--calibration-steps", type=int, default=30, help="calibration batches for MiniLM / tiny-bert")
+    p.add_argument("--llama-calibration-steps", type=int, default=4, help="calibration batches for the LLaMA models")
+    p.add_argument("--llama-layers", type=int, default=8, help="decoder blocks of the CPU 'llama' model")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--gram-shapes", default="11008x4096,4096x11008",
+                   help="(out x in) shapes for the Gram/bases timing; 'none' skips it")
+    p.add_argument("--gram-steps", type=int, default=4, help="synthetic gradients added per shape")
+    p.add_argument("--gram-eigh-max", type=int, default=0,
+                   help="largest Gram size actually eigendecomposed (0 = all); larger ones are extrapolated")
+    p.add_argument("--gram-device", default=None, help="device of the Gram timing (default: --device)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="workers run at once (>1 distorts timings; --quick uses 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default: torch's default; cores // jobs when --jobs > 1)")
+    p.add_argument("--worker-timeout", type=int, default=3600)
+    p.add_argument("--output-dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--name", default="speed_memory", help="basename of the .json/.md/.png outputs")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke run: tiny random BERT, 1 warm-up + 2 timed steps, Gram shapes (256, 128)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "MODEL:METHOD" or "gram"
+    p.add_argument("--worker-output", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--bases-file", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models = args.models or "tiny-bert"
+        args.warmup, args.steps = 1, 2
+        args.calibration_steps = min(args.calibration_steps, 2)
+        args.llama_calibration_steps = min(args.llama_calibration_steps, 2)
+        if args.gram_shapes == p.get_default("gram_shapes"):
+            args.gram_shapes = "256x128,128x256"
+        args.gram_steps = min(args.gram_steps, 2)
+        args.jobs = max(args.jobs, 2)
+        if args.batch_size == p.get_default("batch_size") and args.seq_len == p.get_default("seq_len"):
+            args.batch_size, args.seq_len = 8, 32
+    args.models = args.models or "minilm,llama"
+    if args.threads is None and args.jobs > 1 and not args.worker:
+        args.threads = max(1, (os.cpu_count() or 1) // args.jobs)  # no oversubscription between workers
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be >= 1 (gradient bytes are counted in the first, untimed step)")
+    return args
+
+
+def _methods(args) -> list[str]:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(ALL_METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {ALL_METHODS}")
+    return methods
+
+
+def _gram_shapes(args) -> list[tuple[int, int]]:
+    if args.gram_shapes.lower() in ("", "none"):
+        return []
+    return [tuple(int(v) for v in s.lower().split("x")) for s in args.gram_shapes.split(",")]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# memory helpers (Linux /proc; fall back to getrusage)
+
+
+def _proc_status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_mib() -> Optional[float]:
+    kib = _proc_status_kib("VmRSS")
+    return None if kib is None else kib / 1024
+
+
+def hwm_mib() -> Optional[float]:
+    kib = _proc_status_kib("VmHWM")
+    return None if kib is None else kib / 1024
+
+
+def reset_hwm() -> bool:
+    """Reset the RSS high-water mark (Linux >= 4.0). False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def ru_maxrss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _tensor_bytes(obj: Any, seen: set, depth: int = 0) -> int:
+    """Bytes of every distinct tensor storage reachable from ``obj`` through dicts, sequences and plain objects."""
+    import torch
+
+    if depth > 6 or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
+        return 0
+    if isinstance(obj, torch.Tensor):
+        if obj.is_sparse:
+            return _tensor_bytes(obj._values(), seen) + _tensor_bytes(obj._indices(), seen)
+        try:
+            key = (obj.untyped_storage().data_ptr(), obj.device)
+            size = obj.untyped_storage().nbytes()
+        except Exception:
+            key, size = (id(obj), obj.device), obj.numel() * obj.element_size()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return size
+    if isinstance(obj, torch.nn.Module):
+        return 0  # modules are walked separately
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple, set)):
+        return sum(_tensor_bytes(v, seen, depth + 1) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return sum(_tensor_bytes(v, seen, depth + 1) for v in vars(obj).values())
+    return 0
+
+
+def adapter_extra_bytes(model) -> int:
+    """Tensors that tuner layers hold outside parameters and buffers (bases, caches): walked generically, so the
+    count survives refactors of the layer's private attributes."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    seen: set = set()
+    for p in model.parameters():  # never count a parameter (or a view of it) as an extra
+        seen.add((p.untyped_storage().data_ptr(), p.device))
+    for b in model.buffers():
+        seen.add((b.untyped_storage().data_ptr(), b.device))
+    total = 0
+    for module in model.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for name, value in vars(module).items():
+            if name in ("_parameters", "_buffers", "_modules"):
+                continue
+            total += _tensor_bytes(value, seen)
+    return total
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# models, batches
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def build_model(name: str, args):
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, \
+        LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(args.seed)
+    dtype = _torch_dtype(args.dtype)
+    if name == "minilm":
+        from peft_sparsegrad.finetune import default_model_path
+
+        model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2, dtype=dtype)
+        desc = "all-MiniLM-L6-v2 (pretrained BERT, 6 layers, hidden 384, MLP 1536)"
+    elif name in ("llama", "llama-gpu"):
+        hidden, inter, layers = (1024, 2816, args.llama_layers) if name == "llama" else (4096, 11008, 4)
+        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                          num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=32000,
+                          pad_token_id=0, num_labels=2, max_position_embeddings=max(2048, args.seq_len))
+        model = LlamaForSequenceClassification(cfg).to(dtype)
+        desc = f"LLaMA-like, random init, hidden {hidden}, MLP {inter}, {layers} layers, vocab 32000"
+    elif name == "tiny-bert":
+        cfg = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=256, num_labels=2, max_position_embeddings=max(512, args.seq_len))
+        model = BertForSequenceClassification(cfg).to(dtype)
+        desc = "tiny random BERT (hidden 64, 2 layers, MLP 256)"
+    else:
+        raise SystemExit(f"unknown model {name!r}")
+    return model.to(args.device), desc
+
+
+def synthetic_batches(model, n: int, args, seed: int) -> list[dict]:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, vocab, (args.batch_size, args.seq_len), generator=gen)  # 0 is LLaMA's pad id
+        labels = torch.randint(0, 2, (args.batch_size,), generator=gen)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        out.append({k: v.to(args.device) for k, v in batch.items()})
+    return out
+
+
+def _calibration_steps(model_name: str, args) -> int:
+    return args.llama_calibration_steps if model_name.startswith("llama") else args.calibration_steps
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# method setup
+
+
+class _Timed:
+    """Wrap a method of a class to accumulate its wall time (with a CUDA sync when on GPU)."""
+
+    def __init__(self, cls, name: str, cuda: bool) -> None:
+        self.cls, self.name, self.cuda, self.seconds, self.calls = cls, name, cuda, 0.0, 0
+        self.original = getattr(cls, name)
+        original, timer = self.original, self
+
+        def wrapped(*a, **kw):
+            import torch
+
+            if timer.cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            result = original(*a, **kw)
+            if timer.cuda:
+                torch.cuda.synchronize()
+            timer.seconds += time.perf_counter() - t0
+            timer.calls += 1
+            return result
+
+        setattr(cls, name, wrapped)
+
+    def restore(self) -> None:
+        setattr(self.cls, self.name, self.original)
+
+
+def setup(method: str, model_name: str, base, args) -> tuple[Any, Any, dict]:
+    """(model, optimizer, info) for ``method``."""
+    import torch
+
+    import peft_sparsegrad  # noqa: F401  (registers SPARSEGRAD with PEFT)
+    from peft_sparsegrad.bases import save_bases
+    from peft_sparsegrad.finetune import mlp_budget, setup_method
+    from peft_sparsegrad.optim import create_sparsegrad_optimizer
+
+    budget = mlp_budget(base, args.keep_ratio)
+    info: dict[str, Any] = {"lora_rank": budget["lora_rank"], "sparsegrad_k": budget["sparsegrad_k"],
+                            "mlp_params": budget["mlp_params"]}
+    if method == "galore":
+        model, optimizer, note = _setup_galore(base, budget["lora_rank"], args)
+        info["note"] = note
+        return model, optimizer, info
+    if method in ("full", "lora", "meprop"):
+        s = setup_method(method, base, keep_ratio=args.keep_ratio)
+        model = s.model
+        if method == "meprop":
+            optimizer = create_sparsegrad_optimizer(model, lr=args.lr, mode="adamw")
+            info["note"] = s.note + "; SparseGradOptimizer mode adamw (lean)"
+        else:
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+            info["note"] = s.note + ("" if method == "full" else "; torch.optim.AdamW")
+        return model, optimizer, info
+    # sparsegrad, sparsegrad-lean: bases calibrated on synthetic batches (not the training batches). The sparsegrad
+    # worker calibrates (timed) and writes the bases to --bases-file; sparsegrad-lean reuses that file when it exists.
+    mode = "sparse_adam" if method == "sparsegrad" else "adamw"
+    n = _calibration_steps(model_name, args)
+    bases_file = args.bases_file or os.path.join(tempfile.mkdtemp(prefix="sparsegrad_bases_"), "bases.safetensors")
+    if method == "sparsegrad-lean" and os.path.exists(bases_file):
+        info["bases_from"] = "reused from the sparsegrad worker's calibration (same model, same batches)"
+    else:
+        info["calibration"] = _calibrate_timed(base, n, args)
+        save_bases(info["calibration"].pop("bases"), bases_file)
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    s = setup_method("sparsegrad", base, keep_ratio=args.keep_ratio, bases=bases_file, sparse_optimizer=mode)
+    if cuda:
+        torch.cuda.synchronize()
+    info["injection_s"] = time.perf_counter() - t0
+    model = s.model
+    optimizer = create_sparsegrad_optimizer(model, lr=args.lr, mode=mode)
+    info["note"] = s.note + f"; SparseGradOptimizer mode {mode}"
+    if "bases_from" in info:
+        info["note"] += "; bases " + info["bases_from"]
+    return model, optimizer, info
+
+
+def _calibrate_timed(base, n: int, args) -> dict:
+    """``peft_sparsegrad.calibrate`` (the calibration path of get_peft_model: n forward+backward passes with Gram
+    hooks, then the eigendecompositions), timed as a whole and in its Gram-add and bases parts."""
+    import torch
+
+    from peft_sparsegrad import SparseGradConfig, calibrate
+    from peft_sparsegrad.bases import GramAccumulator
+
+    cuda = args.device == "cuda"
+    config = SparseGradConfig(task_type="SEQ_CLS", keep_ratio=args.keep_ratio, calibration_steps=n)
+    loader = synthetic_batches(base, n, args, seed=args.seed + 1000)
+    add_timer, bases_timer = _Timed(GramAccumulator, "add", cuda), _Timed(GramAccumulator, "bases", cuda)
+    try:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        bases = calibrate(base, config, iter(loader), progress=False)
+        if cuda:
+            torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+    finally:
+        add_timer.restore()
+        bases_timer.restore()
+    return {"batches": n, "setup_s": total, "gram_add_s": add_timer.seconds, "gram_adds": add_timer.calls,
+            "bases_s": bases_timer.seconds,
+            "forward_backward_and_rest_s": total - add_timer.seconds - bases_timer.seconds, "bases": bases}
+
+
+def _setup_galore(base, rank: int, args):
+    import torch
+    from galore_torch import GaLoreAdamW
+
+    from peft_sparsegrad.config import SparseGradConfig
+    from peft_sparsegrad.targets import find_target_modules, resolve_default_targets
+
+    config = SparseGradConfig(bases="identity")
+    resolve_default_targets(config, getattr(base.config, "model_type", None))
+    targets = find_target_modules(base, config)
+    mlp = [m.weight for m in targets.values()]
+    mlp_ids = {id(p) for p in mlp}
+    for p in base.parameters():
+        p.requires_grad_(False)
+    head = [p for n, p in base.named_parameters() if n.split(".")[0] in ("classifier", "score")]
+    if not head:
+        raise RuntimeError("no classification head (classifier/score) found")
+    for p in mlp + head:
+        p.requires_grad_(True)
+    groups = [{"params": [p for p in head if id(p) not in mlp_ids]},
+              {"params": mlp, "rank": rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}]
+    optimizer = GaLoreAdamW(groups, lr=args.lr, no_deprecation_warning=True)
+    return base, optimizer, (f"GaLoreAdamW rank {rank} (= LoRA rank), update_proj_gap 200, scale 0.25 on "
+                             f"{len(mlp)} MLP weights; head plain AdamW group")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# workers
+
+
+def worker_train(model_name: str, method: str, args) -> dict:
+    import torch
+
+    torch.manual_seed(args.seed)
+    cuda = args.device == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    # import everything a method needs first, so the baseline below holds the libraries for every method alike
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    import peft_sparsegrad  # noqa: F401
+    if method == "galore":
+        import galore_torch  # noqa: F401
+
+    rss_start = rss_mib()
+    t0 = time.perf_counter()
+    base, desc = build_model(model_name, args)
+    build_s = time.perf_counter() - t0
+    gc.collect()
+    baseline = {"rss_mib": rss_mib(), "cuda_allocated_mib": torch.cuda.memory_allocated() / MIB if cuda else None}
+    reset_hwm()
+    model, optimizer, info = setup(method, model_name, base, args)
+    model.train()
+    batches = synthetic_batches(model, 4, args, seed=args.seed)
+    gc.collect()
+    sync()
+    setup_peak = hwm_mib()
+    after_setup = rss_mib()
+    hwm_reset_ok = reset_hwm()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    params = list(model.parameters())
+    grad_bytes = None
+    times, cpu_times, phases, losses = [], [], {"forward": [], "backward": [], "optimizer": []}, []
+    warmup_times = []
+    for i in range(args.warmup + args.steps):
+        batch = batches[i % len(batches)]
+        sync()
+        t_start, cpu_start = time.perf_counter(), time.process_time()
+        loss = model(**batch).loss
+        sync()
+        t_fwd = time.perf_counter()
+        loss.backward()
+        sync()
+        t_bwd = time.perf_counter()
+        if grad_bytes is None:  # exact gradient bytes after the first backward (a warm-up step, never timed)
+            grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        t_end, cpu_end = time.perf_counter(), time.process_time()
+        losses.append(float(loss.detach()))
+        if i < args.warmup:
+            warmup_times.append(t_end - t_start)
+            continue
+        times.append(t_end - t_start)
+        cpu_times.append(cpu_end - cpu_start)
+        phases["forward"].append(t_fwd - t_start)
+        phases["backward"].append(t_bwd - t_fwd)
+        phases["optimizer"].append(t_end - t_bwd)
+
+    seen: set = set()
+    opt_bytes = sum(_tensor_bytes(st, seen) for st in optimizer.state.values())
+    result = {
+        "model": model_name, "model_desc": desc, "method": method, **info,
+        "build_s": build_s, "torch_threads": torch.get_num_threads(),
+        "step_time_s": statistics.median(times),
+        "step_time_min_s": min(times),
+        "step_cpu_time_s": statistics.median(cpu_times),  # process CPU time (all threads): less load-sensitive
+        "step_times_s": times,
+        "warmup_times_s": warmup_times,
+        "phase_median_s": {k: statistics.median(v) for k, v in phases.items()},
+        "loss_first": losses[0], "loss_last": losses[-1],
+        "bytes": {
+            "params_total": sum(p.numel() * p.element_size() for p in params),
+            "params_trainable": sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+            "grads": grad_bytes,
+            "optimizer_state": opt_bytes,
+            "adapter_extra": adapter_extra_bytes(model),
+        },
+        "trainable_numel": sum(p.numel() for p in params if p.requires_grad),
+        "memory": {
+            "rss_at_start_mib": rss_start,
+            "baseline_rss_mib": baseline["rss_mib"],
+            "rss_after_setup_mib": after_setup,
+            "setup_peak_rss_mib": setup_peak,
+            "train_peak_rss_mib": hwm_mib() if hwm_reset_ok else None,
+            "ru_maxrss_mib": ru_maxrss_mib(),
+            "hwm_reset_supported": hwm_reset_ok,
+        },
+    }
+    mem = result["memory"]
+    mem["setup_over_baseline_mib"] = (setup_peak - baseline["rss_mib"]) if setup_peak and baseline["rss_mib"] else None
+    mem["train_over_baseline_mib"] = ((mem["train_peak_rss_mib"] - baseline["rss_mib"])
+                                      if mem["train_peak_rss_mib"] and baseline["rss_mib"] else None)
+    if cuda:
+        mem["cuda_baseline_allocated_mib"] = baseline["cuda_allocated_mib"]
+        mem["cuda_train_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / MIB
+        mem["cuda_train_over_baseline_mib"] = mem["cuda_train_peak_allocated_mib"] - baseline["cuda_allocated_mib"]
+    return result
+
+
+def _eigh_like_bases(gram):
+    """What GramAccumulator.bases() does for one Gram matrix: float64 eigh, descending order, float32 copy."""
+    import torch
+
+    try:
+        from peft_sparsegrad.bases import _sorted_eigh
+    except ImportError:  # pragma: no cover - private helper renamed
+        def _sorted_eigh(m):
+            w, v = torch.linalg.eigh(m)
+            return v.flip(-1), w.flip(-1)
+    u, s = _sorted_eigh(gram)
+    return u.float().contiguous(), s
+
+
+def worker_gram(args) -> dict:
+    """Streaming Gram accumulation + eigendecomposition at given (out, in) shapes with synthetic gradients."""
+    import torch
+
+    from peft_sparsegrad.bases import GramAccumulator
+
+    device = args.gram_device or args.device
+    cuda = device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def mem_now():
+        return torch.cuda.memory_allocated() / MIB if cuda else rss_mib()
+
+    def reset_peak():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            reset_hwm()
+
+    def peak():
+        return torch.cuda.max_memory_allocated() / MIB if cuda else hwm_mib()
+
+    shapes = _gram_shapes(args)
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    n_distinct = min(2, args.gram_steps)
+    grads = {s: [torch.randn(*s, generator=gen).to(device) for _ in range(n_distinct)] for s in shapes}
+    gc.collect()
+    sync()
+    baseline = mem_now()
+    reset_peak()
+    accumulators = {s: GramAccumulator(*s, device=device) for s in shapes}  # all alive, as in a calibration pass
+    add_times: dict[tuple, list[float]] = {s: [] for s in shapes}
+    for step in range(args.gram_steps):
+        for s in shapes:
+            sync()
+            t0 = time.perf_counter()
+            accumulators[s].add(grads[s][step % n_distinct])
+            sync()
+            add_times[s].append(time.perf_counter() - t0)
+    accumulate_peak_over = peak() - baseline
+    gram_bytes = {s: acc.gram_out.numel() * 8 + acc.gram_in.numel() * 8 for s, acc in accumulators.items()}
+    del grads
+    gc.collect()
+
+    # eigendecompositions: each distinct size once (same size => same cost), extrapolated above --gram-eigh-max
+    cap = args.gram_eigh_max or None
+    sizes = sorted({n for s in shapes for n in s})
+    eigh: dict[int, dict] = {}
+    for n in sizes:
+        if cap is not None and n > cap:
+            continue
+        acc, which = next((a, "gram_out" if a.gram_out.shape[0] == n else "gram_in")
+                          for a in accumulators.values() if n in (a.gram_out.shape[0], a.gram_in.shape[0]))
+        gram = getattr(acc, which)
+        gc.collect()
+        sync()
+        before = mem_now()
+        reset_peak()
+        t0 = time.perf_counter()
+        u, _ = _eigh_like_bases(gram)
+        sync()
+        seconds = time.perf_counter() - t0
+        del u
+        eigh[n] = {"n": n, "seconds": seconds, "measured": True, "peak_extra_mib": peak() - before}
+    measured = [e for e in eigh.values() if e["measured"]]
+    ref = max(measured, key=lambda e: e["n"]) if measured else None
+    for n in sizes:
+        if n in eigh:
+            continue
+        if ref is None:
+            eigh[n] = {"n": n, "seconds": None, "measured": False, "peak_extra_mib": None}
+            continue
+        eigh[n] = {"n": n, "measured": False, "extrapolated_from_n": ref["n"],
+                   "seconds": ref["seconds"] * (n / ref["n"]) ** 3,
+                   "peak_extra_mib": ref["peak_extra_mib"] * (n / ref["n"]) ** 2}
+
+    per_shape = []
+    for s in shapes:
+        times = add_times[s]
+        steady = times[1:] if len(times) > 1 else times
+        per_shape.append({
+            "shape": list(s), "add_times_s": times, "add_median_s": statistics.median(steady),
+            "gram_bytes": gram_bytes[s],
+            "bases_s": eigh[s[0]]["seconds"] + eigh[s[1]]["seconds"] if eigh[s[0]]["seconds"] is not None else None,
+            "bases_measured": eigh[s[0]]["measured"] and eigh[s[1]]["measured"],
+        })
+    return {
+        "device": device, "gram_steps": args.gram_steps, "distinct_gradients_per_shape": n_distinct,
+        "shapes": per_shape, "eigh": [eigh[n] for n in sizes],
+        "accumulate_peak_extra_mib": accumulate_peak_over,
+        "grams_bytes_total": sum(gram_bytes.values()),
+        "eigh_max": cap, "torch_threads": torch.get_num_threads(),
+        "peak_kind": "cuda max_memory_allocated" if cuda else "RSS high-water mark",
+    }
+
+
+def worker_main(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker == "gram":
+        result = worker_gram(args)
+    else:
+        model_name, method = args.worker.split(":")
+        result = worker_train(model_name, method, args)
+    with open(args.worker_output, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# parent: orchestration and reports
+
+
+FORWARDED = ("batch_size", "seq_len", "warmup", "steps", "keep_ratio", "lr", "calibration_steps",
+             "llama_calibration_steps", "llama_layers", "device", "dtype", "gram_shapes", "gram_steps",
+             "gram_eigh_max", "gram_device", "seed", "threads")
+
+
+def _worker_cmd(job: str, out: str, args) -> list[str]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", job, "--worker-output", out]
+    for key in FORWARDED:
+        value = getattr(args, key)
+        if value is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+    return cmd
+
+
+def run_worker(job: str, args, tmp: str) -> dict:
+    out = os.path.join(tmp, job.replace(":", "__") + ".json")
+    cmd = _worker_cmd(job, out, args)
+    if job.endswith((":sparsegrad", ":sparsegrad-lean")):
+        cmd += ["--bases-file", os.path.join(tmp, job.split(":")[0] + ".bases.safetensors")]
+    load_before = _loadavg()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                              timeout=args.worker_timeout, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.worker_timeout} s"}
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0 or not os.path.exists(out):
+        tail = (proc.stderr or proc.stdout or "")[-2000:]
+        return {"error": f"worker exited with {proc.returncode}", "stderr_tail": tail, "worker_wall_s": wall}
+    with open(out) as f:
+        result = json.load(f)
+    result["worker_wall_s"] = wall
+    result["loadavg_1min_before_after"] = [load_before, _loadavg()]
+    return result
+
+
+def _loadavg() -> Optional[float]:
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError):
+        return None
+
+
+def machine_info(args) -> dict:
+    import importlib.metadata as md
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=REPO, timeout=30).stdout.strip()
+        except Exception:
+            return None
+
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": version("torch"), "transformers": version("transformers"), "peft": version("peft"),
+            "galore_torch": version("galore-torch"), "git_commit": git("log", "-1", "--format=%h"),
+            "git_uncommitted_in_package": git("status", "--porcelain", "--", "peft_sparsegrad"),
+            "device": args.device}
+    try:
+        import torch
+
+        info["torch_threads"] = args.threads or torch.get_num_threads()
+        if args.device == "cuda" and torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return info
+
+
+def _ratio(a, b) -> Optional[float]:
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def summarize(results: dict, args) -> dict:
+    """Ratios per model (vs full and vs LoRA) and the calibration comparison."""
+    for model_name, per_method in results["models"].items():
+        ok = {m: r for m, r in per_method.items() if "error" not in r}
+        full, lora = ok.get("full"), ok.get("lora")
+        for m, r in ok.items():
+            mem = r["memory"]
+            over = mem.get("cuda_train_over_baseline_mib", mem.get("train_over_baseline_mib"))
+            r["train_over_baseline_used_mib"] = over
+            r["ratios"] = {
+                "step_time_vs_full": _ratio(r["step_time_s"], full and full["step_time_s"]),
+                "step_time_vs_lora": _ratio(r["step_time_s"], lora and lora["step_time_s"]),
+                "cpu_time_vs_full": _ratio(r["step_cpu_time_s"], full and full["step_cpu_time_s"]),
+                "cpu_time_vs_lora": _ratio(r["step_cpu_time_s"], lora and lora["step_cpu_time_s"]),
+                "peak_rss_vs_lora": _ratio(mem["ru_maxrss_mib"], lora and lora["memory"]["ru_maxrss_mib"]),
+                "train_over_baseline_vs_lora": _ratio(over, lora and lora.get("train_over_baseline_used_mib")),
+                "counted_vs_lora": _ratio(_counted(r), lora and _counted(lora)),
+            }
+            cal = r.get("calibration")
+            if cal:
+                n = cal["batches"]
+                cal["n_steps_same_method_s"] = n * r["step_time_s"]
+                cal["n_steps_full_s"] = n * full["step_time_s"] if full else None
+                cal["vs_n_steps_same_method"] = _ratio(cal["setup_s"], cal["n_steps_same_method_s"])
+                cal["vs_n_steps_full"] = _ratio(cal["setup_s"], cal["n_steps_full_s"])
+    gram = results.get("gram")
+    if gram and "error" not in gram:
+        gram["extrapolation"] = extrapolate_gram(gram)
+    return results
+
+
+def _counted(r: dict) -> int:
+    b = r["bytes"]
+    return b["params_trainable"] + (b["grads"] or 0) + b["optimizer_state"] + b["adapter_extra"]
+
+
+def extrapolate_gram(gram: dict, steps: int = 30, blocks: int = 32) -> dict:
+    per_add = sum(s["add_median_s"] for s in gram["shapes"])
+    bases = [s["bases_s"] for s in gram["shapes"]]
+    bases_total = sum(bases) if all(b is not None for b in bases) else None
+    adds_total = steps * blocks * per_add
+    eigh_peaks = [e["peak_extra_mib"] for e in gram["eigh"] if e["peak_extra_mib"] is not None]
+    persistent = gram["grams_bytes_total"] / MIB
+    # calibrate() keeps every type's accumulator alive while it eigendecomposes them one after the other
+    peak_est = max(gram["accumulate_peak_extra_mib"], persistent + max(eigh_peaks)) if eigh_peaks else None
+    return {
+        "steps": steps, "blocks": blocks,
+        "formula": (f"T = {steps} steps x {blocks} blocks x sum over shapes of t_add + sum over shapes of "
+                    "t_bases (+ the calibration forward/backward passes of the model, not included)"),
+        "sum_t_add_s": per_add, "gram_adds_s": adds_total, "bases_s": bases_total,
+        "total_s": adds_total + bases_total if bases_total is not None else None,
+        "bases_all_measured": all(s["bases_measured"] for s in gram["shapes"]),
+        "persistent_gram_mib": persistent,
+        "peak_extra_estimate_mib": peak_est,
+        "peak_extra_formula": "max(measured accumulation peak, persistent fp64 Grams + largest eigh peak extra)",
+    }
+
+
+def _fmt(v, spec=".3g", none="–"):
+    if v is None:
+        return none
+    return format(v, spec)
+
+
+def write_markdown(results: dict, path: str) -> None:
+    m = results["machine"]
+    lines = ["# SparseGrad speed and memory benchmark", "",
+             "Generated by `benchmarks/speed_memory.py`. Command:", "", f"    {results['command']}", "",
+             f"Code measured: commit `{m.get('git_commit')}`"
+             + (f" with uncommitted changes in the package: `{m['git_uncommitted_in_package']}`"
+                if m.get("git_uncommitted_in_package") else " (package clean)") + ".",
+             f"Machine: {m['cpu']}, {m['cpu_count']} cores visible ({m.get('torch_threads')} torch threads), "
+             f"{m.get('mem_total_gib')} GiB RAM{', GPU ' + m['gpu'] if m.get('gpu') else ''}; torch {m['torch']}, "
+             f"transformers {m['transformers']}, peft {m['peft']}, galore-torch {m['galore_torch']}; "
+             f"{results['finished_at']}. Total wall time {results['wall_s']:.0f} s.", "",
+             results["settings_line"], ""]
+    if results.get("caveats"):
+        lines += ["Caveats:", ""] + [f"* {c}" for c in results["caveats"]] + [""]
+    for model_name, per_method in results["models"].items():
+        desc = next((r["model_desc"] for r in per_method.values() if "model_desc" in r), model_name)
+        gpu = results["machine"]["device"] == "cuda"
+        lines += [f"## {model_name}: {desc}", ""]
+        mem_col = "CUDA train peak over baseline (MiB)" if gpu else "train peak RSS over baseline (MiB)"
+        lines += ["| method | step time median (min) (s) | × full | × LoRA | CPU time/step (s), × full, × LoRA | "
+                  "fwd / bwd / opt (s) | peak RSS (MiB) | peak RSS × LoRA | "
+                  f"setup peak RSS over baseline (MiB) | {mem_col} | over-baseline × LoRA | trainable params (MiB) | "
+                  "grads (MiB) | optimizer state (MiB) | adapter extras (MiB) | counted total × LoRA |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for method, r in per_method.items():
+            if "error" in r:
+                lines.append(f"| {method} | error: {r['error']} |" + " |" * 14)
+                continue
+            ra, mem, b, ph = r["ratios"], r["memory"], r["bytes"], r["phase_median_s"]
+            lines.append(
+                f"| {method} | {r['step_time_s']:.3f} ({r['step_time_min_s']:.3f}) | "
+                f"{_fmt(ra['step_time_vs_full'], '.2f')} | "
+                f"{_fmt(ra['step_time_vs_lora'], '.2f')} | {r['step_cpu_time_s']:.3f}, "
+                f"{_fmt(ra['cpu_time_vs_full'], '.2f')}, {_fmt(ra['cpu_time_vs_lora'], '.2f')} | "
+                f"{ph['forward']:.2f} / {ph['backward']:.2f} / {ph['optimizer']:.3f} | {mem['ru_maxrss_mib']:.0f} | "
+                f"{_fmt(ra['peak_rss_vs_lora'], '.2f')} | "
+                f"{_fmt(mem['setup_over_baseline_mib'], '.0f')} | {_fmt(r['train_over_baseline_used_mib'], '.0f')} | "
+                f"{_fmt(ra['train_over_baseline_vs_lora'], '.2f')} | {b['params_trainable'] / MIB:.1f} | "
+                f"{(b['grads'] or 0) / MIB:.1f} | {b['optimizer_state'] / MIB:.1f} | {b['adapter_extra'] / MIB:.1f} | "
+                f"{_fmt(ra['counted_vs_lora'], '.2f')} |")
+        lines.append("")
+        notes = [f"* {m}: {r['note']}; trainable {r['trainable_numel']:,} params; loss {r['loss_first']:.3f} → "
+                 f"{r['loss_last']:.3f}; {r.get('torch_threads')} threads; 1-min load average before/after the "
+                 f"worker {' / '.join(_fmt(v, '.1f') for v in r.get('loadavg_1min_before_after', [None, None]))}"
+                 for m, r in per_method.items() if "error" not in r]
+        lines += notes + [""]
+        cal_lines = []
+        for method, r in per_method.items():
+            cal = r.get("calibration")
+            if not cal:
+                continue
+            cal_lines.append(
+                f"| {method} | {cal['batches']} | {cal['setup_s']:.2f} | {cal['gram_add_s']:.2f} | "
+                f"{cal['bases_s']:.2f} | {cal['forward_backward_and_rest_s']:.2f} | "
+                f"{_fmt(cal['n_steps_full_s'], '.2f')} | {_fmt(cal['vs_n_steps_full'], '.2f')} | "
+                f"{cal['n_steps_same_method_s']:.2f} | {_fmt(cal['vs_n_steps_same_method'], '.2f')} |")
+        if cal_lines:
+            lines += ["Calibration (`peft_sparsegrad.calibrate`, the path `get_peft_model` takes: N forward+backward "
+                      "passes with Gram hooks, then the eigendecompositions) vs N training steps:", "",
+                      "| worker | N batches | calibrate() total (s) | Gram adds (s) | bases/eigh (s) | "
+                      "forward/backward + rest (s) | N × full step (s) | ratio | N × own step (s) | ratio |",
+                      "|---|---|---|---|---|---|---|---|---|---|", *cal_lines, ""]
+        errors = [f"* {m}: {r['error']}\n\n```\n{r.get('stderr_tail', '')}\n```" for m, r in per_method.items()
+                  if "error" in r]
+        lines += errors
+    gram = results.get("gram")
+    if gram:
+        shapes_txt = ", ".join(str(tuple(s["shape"])) for s in gram.get("shapes", [])) or "the given shapes"
+        is_7b = sorted(map(tuple, (s["shape"] for s in gram.get("shapes", [])))) == [(4096, 11008), (11008, 4096)]
+        lines += [f"## Bases cost at {'LLaMA-2-7B MLP shapes ' if is_7b else ''}{shapes_txt} "
+                  "(synthetic random gradients)", ""]
+        if "error" in gram:
+            lines += [f"error: {gram['error']}", "", f"```\n{gram.get('stderr_tail', '')}\n```", ""]
+        else:
+            ex = gram["extrapolation"]
+            lines += [f"Device {gram['device']} ({gram['torch_threads']} threads); {gram['gram_steps']} gradients "
+                      f"added per shape ({gram['distinct_gradients_per_shape']} distinct, reused); first add of each "
+                      "shape excluded from the median. Memory: "
+                      f"{gram['peak_kind']} over a baseline taken after the synthetic gradients were allocated.", "",
+                      "| shape (out, in) | add times (s) | median add (s) | Gram bytes fp64 (MiB) | "
+                      "bases = eigh(out²)+eigh(in²) (s) |",
+                      "|---|---|---|---|---|"]
+            for s in gram["shapes"]:
+                lines.append(f"| {tuple(s['shape'])} | {', '.join(f'{t:.3g}' for t in s['add_times_s'])} | "
+                             f"{s['add_median_s']:.3g} | {s['gram_bytes'] / MIB:.0f} | "
+                             f"{_fmt(s['bases_s'], '.3g')}{'' if s['bases_measured'] else ' (partly extrapolated)'} |")
+            lines += ["", "| eigh size n | time (s) | peak extra (MiB) | status |", "|---|---|---|---|"]
+            for e in gram["eigh"]:
+                status = "measured" if e["measured"] else (
+                    f"NOT RUN: extrapolated (n/{e['extrapolated_from_n']})³ for time, "
+                    f"(n/{e['extrapolated_from_n']})² "
+                    "for memory" if e.get("extrapolated_from_n") else "not run")
+                lines.append(f"| {e['n']} | {_fmt(e['seconds'], '.3g')} | {_fmt(e['peak_extra_mib'], '.0f')} | "
+                             f"{status} |")
+            lines += ["", f"Measured: peak extra memory while accumulating both shapes' Grams: "
+                      f"{gram['accumulate_peak_extra_mib']:.0f} MiB (of which persistent fp64 Grams "
+                      f"{ex['persistent_gram_mib']:.0f} MiB, exact). Estimated peak extra of the whole bases step "
+                      f"= {ex['peak_extra_formula']} = {_fmt(ex['peak_extra_estimate_mib'], '.0f')} MiB"
+                      f"{'' if ex['bases_all_measured'] else ' (uses the extrapolated eigh memory)'}.", "",
+                      f"Extrapolation to a full calibration ({ex['steps']} steps × {ex['blocks']} blocks, "
+                      f"{'LLaMA-2-7B' if is_7b else 'at these shapes'}): {ex['formula']}.",
+                      f"With the numbers above: {ex['steps']} × {ex['blocks']} × {ex['sum_t_add_s']:.3g} s = "
+                      f"{ex['gram_adds_s']:.0f} s of Gram accumulation + {_fmt(ex['bases_s'], '.0f')} s of "
+                      f"eigendecompositions{'' if ex['bases_all_measured'] else ' (partly extrapolated, see table)'}"
+                      f" = {_fmt(ex['total_s'], '.0f')} s on this device "
+                      "(paper: 668 s; target ≤ 300 s, ≤ 2 GiB extra).",
+                      ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def write_plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [(name, {m: r for m, r in pm.items() if "error" not in r}) for name, pm in results["models"].items()]
+    models = [(n, pm) for n, pm in models if pm]
+    if not models:
+        return
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 3.6 * len(models)), squeeze=False)
+    for row, (name, pm) in enumerate(models):
+        methods = list(pm)
+        x = range(len(methods))
+        ax = axes[row][0]
+        ax.bar(x, [pm[m]["step_time_s"] for m in methods], color="tab:blue")
+        ax.set_xticks(list(x), methods, rotation=20)
+        ax.set_ylabel("median step time (s)")
+        ax.set_title(f"{name}: step time")
+        ax = axes[row][1]
+        width = 0.4
+        bottoms = [0.0] * len(methods)
+        for key, color in (("grads", "tab:orange"), ("optimizer_state", "tab:green"), ("adapter_extra", "tab:purple")):
+            vals = [(pm[m]["bytes"][key] or 0) / MIB for m in methods]
+            ax.bar([i - width / 2 for i in x], vals, width, bottom=bottoms, color=color, label=f"counted: {key}")
+            bottoms = [b + v for b, v in zip(bottoms, vals)]
+        over = [pm[m].get("train_over_baseline_used_mib") or 0 for m in methods]
+        ax.bar([i + width / 2 for i in x], over, width, color="tab:gray", label="measured: train peak over baseline")
+        ax.set_xticks(list(x), methods, rotation=20)
+        ax.set_ylabel("MiB")
+        ax.set_title(f"{name}: memory")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args)
+        return
+    t_start = time.perf_counter()
+    methods = _methods(args)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for name in models:
+        if name not in MODELS:
+            raise SystemExit(f"unknown model {name!r}; choose from {MODELS}")
+    caveats = []
+    if args.quick and "galore" in methods:
+        try:
+            import galore_torch  # noqa: F401
+        except ImportError:
+            methods.remove("galore")
+            caveats.append("galore-torch is not installed: galore skipped (optional in --quick)")
+    if args.jobs > 1:
+        caveats.append(f"{args.jobs} workers ran at once: step times are distorted (smoke run only)")
+    if "llama" in models and args.llama_layers != 8:
+        caveats.append(f"'llama' has {args.llama_layers} decoder blocks instead of 8 (CPU time budget)")
+    if args.gram_eigh_max and any(n > args.gram_eigh_max for s in _gram_shapes(args) for n in s):
+        caveats.append(f"eigendecompositions larger than {args.gram_eigh_max}² were not run but extrapolated (n³)")
+    os.makedirs(args.output_dir, exist_ok=True)
+    machine = machine_info(args)
+    jobs = [f"{model}:{method}" for model in models for method in methods]
+    shapes = _gram_shapes(args)
+    if shapes:
+        jobs.append("gram")
+    results: dict[str, Any] = {"models": {m: {} for m in models}}
+    with tempfile.TemporaryDirectory() as tmp:
+        def one(job):
+            r = run_worker(job, args, tmp)
+            status = r.get("error") or (f"step {r['step_time_s']:.3f} s" if "step_time_s" in r else "done")
+            print(f"[speed_memory] {job}: {status} ({r.get('worker_wall_s', 0):.0f} s)", flush=True)
+            return job, r
+
+        # sparsegrad-lean reuses the sparsegrad worker's bases: run it in a second wave
+        waves = [[j for j in jobs if not j.endswith(":sparsegrad-lean")],
+                 [j for j in jobs if j.endswith(":sparsegrad-lean")]]
+        done = []
+        for wave in waves:
+            if args.jobs > 1:
+                with ThreadPoolExecutor(args.jobs) as pool:
+                    done += list(pool.map(one, wave))
+            else:
+                done += [one(job) for job in wave]
+        order = {j: i for i, j in enumerate(jobs)}
+        done.sort(key=lambda jr: order[jr[0]])
+    for job, r in done:
+        if job == "gram":
+            results["gram"] = r
+        else:
+            model, method = job.split(":")
+            results["models"][model][method] = r
+    results["command"] = " ".join(["python", *map(shlex.quote, [os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
+                                                                   if sys.argv and sys.argv[0].endswith(".py")
+                                                                   else "benchmarks/speed_memory.py",
+                                                                   *(sys.argv[1:] if argv is None else argv)])])
+    results["machine"] = machine
+    results["settings"] = {k: getattr(args, k) for k in FORWARDED + ("models", "methods", "quick", "jobs")}
+    results["settings_line"] = (
+        f"Settings: batch {args.batch_size} × seq {args.seq_len}, {args.warmup} warm-up + {args.steps} timed steps "
+        f"(median), keep_ratio {args.keep_ratio}, lr {args.lr}, dtype {args.dtype}, device {args.device}, "
+        f"calibration batches: {args.calibration_steps} (BERT models) / {args.llama_calibration_steps} "
+        "(LLaMA models). "
+        "Ratios: step time (wall clock) vs full / LoRA; 'CPU time/step' is the process CPU time of a step (all "
+        "threads), less sensitive to other load on the machine than wall time; 'over-baseline × LoRA' compares the "
+        "measured training-phase peak over "
+        "the post-construction baseline; 'counted total' = trainable params + grads + optimizer state + adapter "
+        "extras (exact bytes). MiB = 2²⁰ bytes.")
+    results["caveats"] = caveats
+    results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    results["wall_s"] = time.perf_counter() - t_start
+    summarize(results, args)
+    base = os.path.join(args.output_dir, args.name)
+    with open(base + ".json", "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    write_markdown(results, base + ".md")
+    if not args.no_plot:
+        try:
+            write_plot(results, base + ".png")
+        except ImportError as exc:
+            print(f"[speed_memory] no plot: {exc}")
+    print(f"[speed_memory] wrote {base}.json/.md{'' if args.no_plot else '/.png'} in {results['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
