@@ -95,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gram-steps", type=int, default=4, help="synthetic gradients added per shape")
     p.add_argument("--gram-eigh-max", type=int, default=0,
                    help="largest Gram size actually eigendecomposed (0 = all); larger ones are extrapolated")
+    p.add_argument("--gram-eigh-ref-sizes", default="",
+                   help="extra Gram sizes eigendecomposed only to show the time scaling, e.g. 2048")
     p.add_argument("--gram-device", default=None, help="device of the Gram timing (default: --device)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1, help="workers run at once (>1 distorts timings; --quick uses 2)")
@@ -601,15 +603,22 @@ def worker_gram(args) -> dict:
     gc.collect()
 
     # eigendecompositions: each distinct size once (same size => same cost), extrapolated above --gram-eigh-max
+    # (--gram-eigh-ref-sizes: extra sizes, eigendecomposed only to show how the time scales with n)
     cap = args.gram_eigh_max or None
     sizes = sorted({n for s in shapes for n in s})
+    ref_sizes = sorted({int(v) for v in args.gram_eigh_ref_sizes.split(",") if v.strip()} - set(sizes))
     eigh: dict[int, dict] = {}
-    for n in sizes:
+    for n in sorted(set(sizes) | set(ref_sizes)):
         if cap is not None and n > cap:
             continue
-        acc, which = next((a, "gram_out" if a.gram_out.shape[0] == n else "gram_in")
-                          for a in accumulators.values() if n in (a.gram_out.shape[0], a.gram_in.shape[0]))
-        gram = getattr(acc, which)
+        if n in ref_sizes:
+            x = torch.randn(n, 2 * n, generator=gen, dtype=torch.float64).to(device)
+            gram = x @ x.T
+            del x
+        else:
+            acc, which = next((a, "gram_out" if a.gram_out.shape[0] == n else "gram_in")
+                              for a in accumulators.values() if n in (a.gram_out.shape[0], a.gram_in.shape[0]))
+            gram = getattr(acc, which)
         gc.collect()
         sync()
         before = mem_now()
@@ -619,9 +628,18 @@ def worker_gram(args) -> dict:
         sync()
         seconds = time.perf_counter() - t0
         del u
-        eigh[n] = {"n": n, "seconds": seconds, "measured": True, "peak_extra_mib": peak() - before}
-    measured = [e for e in eigh.values() if e["measured"]]
-    ref = max(measured, key=lambda e: e["n"]) if measured else None
+        eigh[n] = {"n": n, "seconds": seconds, "measured": True, "peak_extra_mib": peak() - before,
+                   "reference_only": n in ref_sizes}
+        del gram
+    measured = sorted((e for e in eigh.values() if e["measured"]), key=lambda e: e["n"])
+    ref = measured[-1] if measured else None
+    # empirical exponent between the two largest measured sizes (cache effects make it differ from 3)
+    exponent = None
+    if len(measured) >= 2 and measured[-2]["seconds"] > 0:
+        import math
+
+        a, b = measured[-2], measured[-1]
+        exponent = math.log(b["seconds"] / a["seconds"]) / math.log(b["n"] / a["n"])
     for n in sizes:
         if n in eigh:
             continue
@@ -630,6 +648,8 @@ def worker_gram(args) -> dict:
             continue
         eigh[n] = {"n": n, "measured": False, "extrapolated_from_n": ref["n"],
                    "seconds": ref["seconds"] * (n / ref["n"]) ** 3,
+                   "seconds_empirical_exponent": (ref["seconds"] * (n / ref["n"]) ** exponent
+                                                  if exponent is not None else None),
                    "peak_extra_mib": ref["peak_extra_mib"] * (n / ref["n"]) ** 2}
 
     per_shape = []
@@ -644,7 +664,7 @@ def worker_gram(args) -> dict:
         })
     return {
         "device": device, "gram_steps": args.gram_steps, "distinct_gradients_per_shape": n_distinct,
-        "shapes": per_shape, "eigh": [eigh[n] for n in sizes],
+        "shapes": per_shape, "eigh": [eigh[n] for n in sorted(eigh)], "eigh_empirical_exponent": exponent,
         "accumulate_peak_extra_mib": accumulate_peak_over,
         "grams_bytes_total": sum(gram_bytes.values()),
         "eigh_max": cap, "torch_threads": torch.get_num_threads(),
@@ -672,7 +692,7 @@ def worker_main(args) -> None:
 
 FORWARDED = ("batch_size", "seq_len", "warmup", "steps", "keep_ratio", "lr", "calibration_steps",
              "llama_calibration_steps", "llama_layers", "device", "dtype", "gram_shapes", "gram_steps",
-             "gram_eigh_max", "gram_device", "seed", "threads")
+             "gram_eigh_max", "gram_eigh_ref_sizes", "gram_device", "seed", "threads")
 
 
 def _worker_cmd(job: str, out: str, args) -> list[str]:
@@ -809,7 +829,13 @@ def extrapolate_gram(gram: dict, steps: int = 30, blocks: int = 32) -> dict:
     bases = [s["bases_s"] for s in gram["shapes"]]
     bases_total = sum(bases) if all(b is not None for b in bases) else None
     adds_total = steps * blocks * per_add
-    eigh_peaks = [e["peak_extra_mib"] for e in gram["eigh"] if e["peak_extra_mib"] is not None]
+    eigh_peaks = [e["peak_extra_mib"] for e in gram["eigh"]
+                  if e["peak_extra_mib"] is not None and not e.get("reference_only")]
+    alt = None
+    if not all(s["bases_measured"] for s in gram["shapes"]) and gram.get("eigh_empirical_exponent") is not None:
+        by_n = {e["n"]: e for e in gram["eigh"]}
+        alt = sum(sum(by_n[n].get("seconds_empirical_exponent") or by_n[n]["seconds"] for n in s["shape"])
+                  for s in gram["shapes"])
     persistent = gram["grams_bytes_total"] / MIB
     # calibrate() keeps every type's accumulator alive while it eigendecomposes them one after the other
     peak_est = max(gram["accumulate_peak_extra_mib"], persistent + max(eigh_peaks)) if eigh_peaks else None
@@ -819,6 +845,8 @@ def extrapolate_gram(gram: dict, steps: int = 30, blocks: int = 32) -> dict:
                     "t_bases (+ the calibration forward/backward passes of the model, not included)"),
         "sum_t_add_s": per_add, "gram_adds_s": adds_total, "bases_s": bases_total,
         "total_s": adds_total + bases_total if bases_total is not None else None,
+        "bases_s_empirical_exponent": alt,
+        "total_s_empirical_exponent": adds_total + alt if alt is not None else None,
         "bases_all_measured": all(s["bases_measured"] for s in gram["shapes"]),
         "persistent_gram_mib": persistent,
         "peak_extra_estimate_mib": peak_est,
@@ -920,12 +948,16 @@ def write_markdown(results: dict, path: str) -> None:
                              f"{_fmt(s['bases_s'], '.3g')}{'' if s['bases_measured'] else ' (partly extrapolated)'} |")
             lines += ["", "| eigh size n | time (s) | peak extra (MiB) | status |", "|---|---|---|---|"]
             for e in gram["eigh"]:
-                status = "measured" if e["measured"] else (
+                status = ("measured (reference size, only for the scaling)" if e.get("reference_only") else
+                          "measured") if e["measured"] else (
                     f"NOT RUN: extrapolated (n/{e['extrapolated_from_n']})³ for time, "
                     f"(n/{e['extrapolated_from_n']})² "
                     "for memory" if e.get("extrapolated_from_n") else "not run")
-                lines.append(f"| {e['n']} | {_fmt(e['seconds'], '.3g')} | {_fmt(e['peak_extra_mib'], '.0f')} | "
-                             f"{status} |")
+                alt = e.get("seconds_empirical_exponent")
+                alt_txt = (f" (with the measured exponent {gram['eigh_empirical_exponent']:.2f}: {alt:.3g} s)"
+                           if alt is not None else "")
+                lines.append(f"| {e['n']} | {_fmt(e['seconds'], '.3g')}{alt_txt} | "
+                             f"{_fmt(e['peak_extra_mib'], '.0f')} | {status} |")
             lines += ["", f"Measured: peak extra memory while accumulating both shapes' Grams: "
                       f"{gram['accumulate_peak_extra_mib']:.0f} MiB (of which persistent fp64 Grams "
                       f"{ex['persistent_gram_mib']:.0f} MiB, exact). Estimated peak extra of the whole bases step "
@@ -936,8 +968,10 @@ def write_markdown(results: dict, path: str) -> None:
                       f"With the numbers above: {ex['steps']} × {ex['blocks']} × {ex['sum_t_add_s']:.3g} s = "
                       f"{ex['gram_adds_s']:.0f} s of Gram accumulation + {_fmt(ex['bases_s'], '.0f')} s of "
                       f"eigendecompositions{'' if ex['bases_all_measured'] else ' (partly extrapolated, see table)'}"
-                      f" = {_fmt(ex['total_s'], '.0f')} s on this device "
-                      "(paper: 668 s; target ≤ 300 s, ≤ 2 GiB extra).",
+                      f" = {_fmt(ex['total_s'], '.0f')} s on this device"
+                      + (f" ({ex['total_s_empirical_exponent']:.0f} s with the measured eigh exponent)"
+                         if ex.get("total_s_empirical_exponent") else "")
+                      + " (paper: 668 s; target ≤ 300 s, ≤ 2 GiB extra).",
                       ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -998,6 +1032,11 @@ def main(argv=None) -> None:
         except ImportError:
             methods.remove("galore")
             caveats.append("galore-torch is not installed: galore skipped (optional in --quick)")
+    if args.threads:
+        caveats.append(f"every worker ran with {args.threads} torch thread(s) (--threads): on a machine shared with "
+                       "other jobs, more OpenMP threads than free cores stall at barriers (eigh of a 1024² matrix "
+                       "took 24 s with 2 threads vs 0.3 s with 1 thread here)" if args.threads == 1 and not args.quick
+                       else f"every worker ran with {args.threads} torch thread(s) (--threads)")
     if args.jobs > 1:
         caveats.append(f"{args.jobs} workers ran at once: step times are distorted (smoke run only)")
     if "llama" in models and args.llama_layers != 8:
