@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "with plain transformers (no peft, no peft_sparsegrad).",
     )
     mg.add_argument("--base-model", default=None, metavar="PATH",
-                    help="base model the adapter was trained on (default: the packaged all-MiniLM-L6-v2)")
+                    help="base model the adapter was trained on (default: the base recorded in the adapter if it is a "
+                         "local directory, else the packaged all-MiniLM-L6-v2)")
     mg.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory (from `sparsegrad finetune`)")
     mg.add_argument("--output", required=True, metavar="DIR", help="directory for the merged model")
     mg.set_defaults(func=cmd_merge)
@@ -365,6 +366,17 @@ def _adapter_num_labels(path: str, config: dict, shapes: dict[str, tuple[int, ..
                    f"({', '.join(_HEAD_SUFFIXES)}) and there is no {RESULTS_FILE}")
 
 
+def _base_model_of(config: dict, base_model: Optional[str], option: str = "--base-model") -> str:
+    """--base-model if given; else the base recorded in adapter_config.json if it is a local model directory; else the
+    packaged MiniLM."""
+    if base_model is not None:
+        return _model_path(base_model, option)
+    recorded = config.get("base_model_name_or_path")
+    if recorded and os.path.isfile(os.path.join(recorded, "config.json")):
+        return recorded
+    return _model_path(None)
+
+
 def load_adapter(adapter_dir: str, base_model: Optional[str] = None, option: str = "--base-model"):
     """Fresh base model (head sized from the adapter) + ``PeftModel.from_pretrained``; mismatches -> CLIError.
 
@@ -375,7 +387,7 @@ def load_adapter(adapter_dir: str, base_model: Optional[str] = None, option: str
     from transformers import AutoModelForSequenceClassification
 
     config, shapes = _read_adapter_dir(adapter_dir)
-    base_path = _model_path(base_model, option)
+    base_path = _base_model_of(config, base_model, option)
     num_labels = _adapter_num_labels(adapter_dir, config, shapes)
     label_names = _results_of(adapter_dir).get("label_names")
     kwargs: dict[str, Any] = {"num_labels": num_labels}
@@ -389,7 +401,8 @@ def load_adapter(adapter_dir: str, base_model: Optional[str] = None, option: str
         if "size mismatch" not in str(exc):
             raise
         first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), _one_line(exc))
-        raise CLIError(f"the adapter {adapter_dir!r} does not fit the base model {base_path!r}: {first}") from exc
+        raise CLIError(f"the adapter {adapter_dir!r} does not load onto the base model {base_path!r}: {first}") \
+            from exc
     except ValueError as exc:  # SparseGrad's shape checks, PEFT's "target modules not found"
         raise CLIError(f"the adapter {adapter_dir!r} does not load onto the base model {base_path!r}: "
                        f"{_one_line(exc)}") from exc
@@ -567,14 +580,13 @@ def cmd_merge(args) -> int:
         raise CLIError(f"--output {args.output!r} is a file")
     if os.path.abspath(args.output) == os.path.abspath(args.adapter):
         raise CLIError("--output must differ from --adapter")
-    _read_adapter_dir(args.adapter)  # cheap checks first
-    _model_path(args.base_model, "--base-model")
+    config, _ = _read_adapter_dir(args.adapter)  # cheap checks first
+    base_path = _base_model_of(config, args.base_model)
 
     _quiet_libraries()
     from transformers import AutoTokenizer
 
-    model, _ = load_adapter(args.adapter, args.base_model)
-    base_path = _model_path(args.base_model, "--base-model")
+    model, _ = load_adapter(args.adapter, base_path)
     tok_dir = args.adapter if os.path.isfile(os.path.join(args.adapter, "tokenizer_config.json")) else base_path
     tokenizer = None
     try:
@@ -651,9 +663,15 @@ def cmd_inspect(args) -> int:
             role = layer_role(name)
             type_of[name] = next((t for t in bases if t == role or t.startswith(role + "[")), role)
         layer_shape: dict[str, Optional[tuple[int, int]]] = {}
+        from safetensors import safe_open
+
+        with safe_open(weights, framework="pt") as f:  # <m>.sparsegrad_shape: (out, in), in newer checkpoints
+            saved_shapes = {k.removesuffix(".sparsegrad_shape").removeprefix(_PEFT_PREFIX):
+                            tuple(int(v) for v in f.get_tensor(k).tolist())
+                            for k in shapes if k.endswith(".sparsegrad_shape")}
         for name in layers:
             b = bases.get(type_of[name])
-            layer_shape[name] = (b["U_out"][0], b["U_in"][0]) if b else None
+            layer_shape[name] = saved_shapes.get(name) or ((b["U_out"][0], b["U_in"][0]) if b else None)
         if any(s is None for s in layer_shape.values()):  # MeProp stores no bases: take shapes from the base model
             source = args.base_model or (base_name if base_name and os.path.isdir(base_name) else None)
             if source is not None:

@@ -173,6 +173,30 @@ def test_inspect_reports_types_k_and_loading(finetuned):
     assert "loads onto" in stdout and ": yes" in stdout
 
 
+def test_finetune_meprop_on_own_csv_then_inspect(tmp_path):
+    """--train-file/--validation-file with custom columns and string labels; MeProp stores no bases, but inspect
+    still reports every layer's shape and k (from the saved ΔW' shapes)."""
+    import csv
+
+    for name, rows in (("train.csv", _rows(32, 0)), ("dev.csv", _rows(8, 100))):
+        with open(tmp_path / name, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["review", "sentiment"])
+            writer.writerows((text, "pos" if label else "neg") for text, label in rows)
+    out_dir = tmp_path / "meprop"
+    code, stdout, stderr = _run(["finetune", "--train-file", tmp_path / "train.csv", "--validation-file",
+                                 tmp_path / "dev.csv", "--text-column", "review", "--label-column", "sentiment",
+                                 "--method", "meprop", *TINY, "--output-dir", out_dir])
+    assert code == 0, stderr
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["method"] == "meprop" and results["metric"] == "accuracy" and results["label_names"] == ["neg", "pos"]
+    assert results["eval_samples"] == 8 and results["bases"] is None
+    code, stdout, stderr = _run(["inspect", out_dir])
+    assert code == 0, stderr
+    assert "method: meprop" in stdout and "identity bases (MeProp); 6 layers" in stdout
+    assert stdout.count("k 5,899/step, stored nnz") == 12
+
+
 @pytest.fixture(scope="module")
 def other_base(tmp_path_factory):
     """A tiny random BERT with other shapes than MiniLM (hidden 32, MLP 64)."""
