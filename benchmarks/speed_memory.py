@@ -106,6 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default="speed_memory", help="basename of the .json/.md/.png outputs")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="only rewrite the .md/.png next to an existing results JSON (no measurement)")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke run: tiny random BERT, 1 warm-up + 2 timed steps, Gram shapes (256, 128)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "MODEL:METHOD" or "gram"
@@ -872,6 +874,11 @@ def write_markdown(results: dict, path: str) -> None:
              f"transformers {m['transformers']}, peft {m['peft']}, galore-torch {m['galore_torch']}; "
              f"{results['finished_at']}. Total wall time {results['wall_s']:.0f} s.", "",
              results["settings_line"], ""]
+    lines += ["Notes on the exact counts: SparseGrad/MeProp train a dense float32 ΔW' per adapted layer (so "
+              "'trainable params' and 'grads' are the full MLP size even though only k entries change per step); "
+              "their 'adapter extras' are the bases U_out, U_in (one pair per layer type; none for MeProp) and the "
+              "layer's cached effective weight. GaLore's optimizer state counts whole tensor storages: galore-torch "
+              "keeps its rank-r projection as a view of the full SVD factor, which keeps that factor alive.", ""]
     if results.get("caveats"):
         lines += ["Caveats:", ""] + [f"* {c}" for c in results["caveats"]] + [""]
     for model_name, per_method in results["models"].items():
@@ -992,14 +999,19 @@ def write_plot(results: dict, path: str) -> None:
         methods = list(pm)
         x = range(len(methods))
         ax = axes[row][0]
-        ax.bar(x, [pm[m]["step_time_s"] for m in methods], color="tab:blue")
+        width = 0.4
+        ax.bar([i - width / 2 for i in x], [pm[m]["step_time_s"] for m in methods], width, color="tab:blue",
+               label="wall clock")
+        ax.bar([i + width / 2 for i in x], [pm[m].get("step_cpu_time_s") or 0 for m in methods], width,
+               color="tab:cyan", label="process CPU time")
         ax.set_xticks(list(x), methods, rotation=20)
         ax.set_ylabel("median step time (s)")
         ax.set_title(f"{name}: step time")
+        ax.legend(fontsize=7)
         ax = axes[row][1]
-        width = 0.4
         bottoms = [0.0] * len(methods)
-        for key, color in (("grads", "tab:orange"), ("optimizer_state", "tab:green"), ("adapter_extra", "tab:purple")):
+        for key, color in (("params_trainable", "tab:red"), ("grads", "tab:orange"),
+                           ("optimizer_state", "tab:green"), ("adapter_extra", "tab:purple")):
             vals = [(pm[m]["bytes"][key] or 0) / MIB for m in methods]
             ax.bar([i - width / 2 for i in x], vals, width, bottom=bottoms, color=color, label=f"counted: {key}")
             bottoms = [b + v for b, v in zip(bottoms, vals)]
@@ -1018,6 +1030,15 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         worker_main(args)
+        return
+    if args.render:
+        with open(args.render) as f:
+            results = json.load(f)
+        base = os.path.splitext(args.render)[0]
+        write_markdown(results, base + ".md")
+        if not args.no_plot:
+            write_plot(results, base + ".png")
+        print(f"[speed_memory] re-rendered {base}.md/.png from {args.render}")
         return
     t_start = time.perf_counter()
     methods = _methods(args)
@@ -1075,10 +1096,9 @@ def main(argv=None) -> None:
         else:
             model, method = job.split(":")
             results["models"][model][method] = r
-    results["command"] = " ".join(["python", *map(shlex.quote, [os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
-                                                                   if sys.argv and sys.argv[0].endswith(".py")
-                                                                   else "benchmarks/speed_memory.py",
-                                                                   *(sys.argv[1:] if argv is None else argv)])])
+    script = (os.path.relpath(os.path.abspath(sys.argv[0]), REPO) if sys.argv and sys.argv[0].endswith(".py")
+              else "benchmarks/speed_memory.py")
+    results["command"] = " ".join(["python", *map(shlex.quote, [script, *(sys.argv[1:] if argv is None else argv)])])
     results["machine"] = machine
     results["settings"] = {k: getattr(args, k) for k in FORWARDED + ("models", "methods", "quick", "jobs")}
     results["settings_line"] = (
