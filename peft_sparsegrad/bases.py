@@ -132,8 +132,8 @@ class GramAccumulator:
     def add(self, grad: torch.Tensor) -> None:
         """Add one gradient G (out × in)."""
         g = grad.detach().to(device=self.gram_out.device, dtype=torch.float32)
-        self.gram_out += (g @ g.T).double()
-        self.gram_in += (g.T @ g).double()
+        _add_gram(self.gram_out, g)  # Σ G Gᵀ
+        _add_gram(self.gram_in, g.T)  # Σ Gᵀ G
         self.count += 1
 
     def all_reduce(self) -> None:
@@ -149,6 +149,17 @@ class GramAccumulator:
         u_out, s_out = _sorted_eigh(self.gram_out if device is None else self.gram_out.to(device))
         u_in, s_in = _sorted_eigh(self.gram_in if device is None else self.gram_in.to(device))
         return BasisPair(u_out.float().contiguous(), u_in.float().contiguous()), (s_out, s_in)
+
+
+_GRAM_BLOCK = 1024
+
+
+def _add_gram(acc: torch.Tensor, g: torch.Tensor) -> None:
+    """acc += g gᵀ in row blocks, so the float32 product and its float64 copy are block × n, not n × n (a full-size
+    temporary of an 11008² Gram matrix would be 1.4 GiB)."""
+    for start in range(0, g.shape[0], _GRAM_BLOCK):
+        block = g[start:start + _GRAM_BLOCK]
+        acc[start:start + _GRAM_BLOCK] += (block @ g.T).double()
 
 
 def _sorted_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

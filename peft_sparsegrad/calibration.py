@@ -143,6 +143,7 @@ def collect_bases(
             continue
         accumulators[layer_type].all_reduce()
         pairs[layer_type], eigenvalues[layer_type] = accumulators[layer_type].bases()
+        del accumulators[layer_type]  # free this type's Gram matrices before the next decomposition
     return SparseGradBases(pairs, members, eigenvalues)
 
 
