@@ -17,8 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bases import GramAccumulator, SparseGradBases, tensorly_hosvd
-from .targets import assign_layer_types, base_weight_as_out_in, find_target_modules, is_conv1d, \
-    resolve_default_targets, weight_shape
+from .targets import assign_layer_types, find_target_modules, is_conv1d, resolve_default_targets, weight_shape
 
 
 def _base_layer(module: nn.Module) -> nn.Module:

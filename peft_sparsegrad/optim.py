@@ -239,13 +239,7 @@ def _sparse_step_impl(
         #   p ← p(1 - lr wd);  m ← m + (1-β1)(g - m);  v ← β2 v + (1-β2) g²
         #   p ← p - lr/(1-β1ᵗ) · m / (√v / √(1-β2ᵗ) + ε)
         p_u = p_flat.index_select(0, idx)
-        if weight_decay != 0:
-            p_u.mul_(1 - lr * weight_decay)
-        m.lerp_(g_u, 1 - beta1)
-        v.mul_(beta2).addcmul_(g_u, g_u, value=1 - beta2)
-        step_size = lr / (1 - beta1**t)
-        denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
-        p_u.addcdiv_(m, denom, value=-step_size)
+        _adamw_update(p_u, g_u, m, v, t, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         p_flat.index_copy_(0, idx, p_u)
         support = idx.numel()
 
@@ -299,14 +293,21 @@ def _adamw_dense(
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     state["step"] = int(state["step"]) + 1
     t = state["step"]
-    m, v = state["exp_avg"], state["exp_avg_sq"]
+    _adamw_update(p, grad, state["exp_avg"], state["exp_avg_sq"], t, lr=lr, betas=betas, eps=eps,
+                  weight_decay=weight_decay)
+
+
+def _adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int, *, lr: float,
+                  betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """One AdamW step in place, same formula and op order as torch.optim.AdamW (single-tensor path):
+    p ← p(1 - lr wd);  m ← m + (1-β1)(g - m);  v ← β2 v + (1-β2) g²;  p ← p - lr/(1-β1ᵗ) · m / (√v / √(1-β2ᵗ) + ε)."""
+    beta1, beta2 = betas
     if weight_decay != 0:
         p.mul_(1 - lr * weight_decay)
-    m.lerp_(grad, 1 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    step_size = lr / (1 - beta1**t)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     denom = (v.sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
-    p.addcdiv_(m, denom, value=-step_size)
+    p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
 
 
 class SparseGradOptimizer(torch.optim.Optimizer):
