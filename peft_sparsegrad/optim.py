@@ -285,8 +285,6 @@ def _adamw_dense(
     eps: float,
     weight_decay: float,
 ) -> None:
-    # Same formula and op order as torch.optim.AdamW (single-tensor, non-capturable path).
-    beta1, beta2 = betas
     if not state:
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
