@@ -110,6 +110,9 @@ def _add_model_data_options(p: argparse.ArgumentParser) -> None:
     d.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="default: %(default)s")
     d.add_argument("--seed", type=int, default=0, help="seeds the head init, data order and subsets "
                                                        "(default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="PyTorch CPU threads (default: PyTorch's choice, all cores); 1 is often fastest on a CPU "
+                        "shared with other jobs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,8 +306,12 @@ class _Data:
         self.dev = tokenize(self.raw_dev, tokenizer, args.max_seq_length)
 
 
-def _prepare_datasets():
+def _prepare_datasets(args=None):
     import datasets
+    import torch
+
+    if args is not None and args.threads:
+        torch.set_num_threads(args.threads)
 
     datasets.disable_progress_bars()  # the tokenizing bars of tiny maps are noise next to calibration/training
 
@@ -443,7 +450,7 @@ def cmd_finetune(args) -> int:
     from .data import make_collator
     from .finetune import calibration_batches, load_base_model, peak_rss_mb, setup_method, train_and_evaluate
 
-    _prepare_datasets()
+    _prepare_datasets(args)
     if args.bases is not None:
         from safetensors import SafetensorError
 
@@ -523,10 +530,14 @@ def cmd_finetune(args) -> int:
         row = again[i]
         pred = f"{row[0].item():.2f}" if row.numel() == 1 else _label_of(int(row.argmax()), label_names)
         gold = _label_of(rows[i]["label"], label_names)
-        shown_text = text if pairs is None else f"{text} ||| {pairs[i]}"
-        shown_text = shown_text if len(shown_text) <= 90 else shown_text[:87] + "..."
-        print(f"  {pred:>14}  (gold {gold})  {shown_text!r}")
+        shown_text = _clip(text, 90) if pairs is None else f"{_clip(text, 55)} ||| {_clip(pairs[i], 32)}"
+        print(f"  {pred:>14}  (gold {gold})  \"{shown_text}\"")
     return 0
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def cmd_calibrate(args) -> int:
@@ -546,7 +557,7 @@ def cmd_calibrate(args) -> int:
     from .data import make_collator
     from .finetune import calibration_batches, load_base_model
 
-    _prepare_datasets()
+    _prepare_datasets(args)
     tokenizer = _from_pretrained(AutoTokenizer, model_path, "--model")
     args.max_eval_samples = 1  # calibration never looks at the validation split
     data = _Data(args, tokenizer)

@@ -36,7 +36,7 @@ def test_quickstart_notebook_executes(monkeypatch):
     monkeypatch.setenv("SPARSEGRAD_GLUE_DIR", GLUE_DIR)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # like conftest's torch.set_num_threads(1): robust on shared CPUs
+    monkeypatch.setenv("SPARSEGRAD_NOTEBOOK_THREADS", "1")  # like conftest's torch.set_num_threads(1)
     monkeypatch.delenv("MPLBACKEND", raising=False)  # let the notebook's %matplotlib inline decide
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
