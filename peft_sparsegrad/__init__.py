@@ -4,7 +4,15 @@
 ``PeftModel.from_pretrained``.
 """
 
-from .registration import SPARSEGRAD, register_sparsegrad
+import logging
+
+# peft imports bitsandbytes when it is installed (galore-torch pulls it in); its CPU backend warns on import that an
+# optional kernel package is missing. Nothing here uses 4-bit kernels: keep that one logger quiet unless configured.
+_bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+if _bnb_logger.level == logging.NOTSET:
+    _bnb_logger.setLevel(logging.ERROR)
+
+from .registration import SPARSEGRAD, register_sparsegrad  # noqa: E402  (after the logger set-up)
 from .config import SparseGradConfig
 from .bases import BasisPair, SparseGradBases, load_bases, save_bases
 from .calibration import calibrate
