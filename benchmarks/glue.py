@@ -201,7 +201,8 @@ def main(argv=None) -> dict:
                   f"{args.calibration_steps}, sparse optimizer={args.sparse_optimizer}, LR grids={grids(args)} "
                   f"(chosen on a {args.select_fraction:.0%} split of train, seed 0). Trainable besides the MLP "
                   "adapter: the classification head only (attention, embeddings, LayerNorm frozen) for lora/meprop/"
-                  f"sparsegrad; everything for full. torch {torch.__version__}, {os.cpu_count()} CPU threads; "
+                  f"sparsegrad; everything for full. torch {torch.__version__}, {torch.get_num_threads()} torch thread(s) on "
+                  f"{os.cpu_count()} CPUs; "
                   f"wall time {time.time() - start:.0f} s."),
     }
     write_reports(report, args.output)
