@@ -444,11 +444,10 @@ def cmd_finetune(args) -> int:
 
     _quiet_libraries()
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     from .bases import load_bases
-    from .data import make_collator
-    from .finetune import calibration_batches, load_base_model, peak_rss_mb, setup_method, train_and_evaluate
+    from .finetune import calibration_batches, peak_rss_mb, setup_method, train_and_evaluate
 
     _prepare_datasets(args)
     if args.bases is not None:
@@ -458,18 +457,10 @@ def cmd_finetune(args) -> int:
             load_bases(args.bases)  # a wrong file fails now (ValueError), before the model is loaded
         except SafetensorError as exc:
             raise CLIError(f"--bases {args.bases!r} is not a SparseGrad bases file ({_one_line(exc)})") from exc
-    tokenizer = _from_pretrained(AutoTokenizer, model_path, "--model")
-    data = _Data(args, tokenizer)
-    collator = make_collator(tokenizer)
+    tokenizer, data, collator, base = _data_and_base_model(args, model_path)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
     print(f"{data.name}: {len(data.train)} training / {len(data.dev)} validation examples, "
           f"{data.num_labels} label(s); method {args.method}, lr {lr:g}", flush=True)
-
-    try:
-        with _quiet_transformers():
-            base = load_base_model(model_path, data.num_labels, args.seed, data.label_names)
-    except OSError as exc:
-        raise CLIError(f"--model {model_path!r} could not be loaded: {_one_line(exc)}") from exc
     if args.method == "sparsegrad":
         print(f"Bases: reusing {args.bases}" if args.bases else
               f"Bases: calibrating on {args.calibration_steps} batches of {args.batch_size}", flush=True)
@@ -535,6 +526,23 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def _data_and_base_model(args, model_path: str):
+    """Tokenizer, data, collator and a freshly initialised classifier on --model (shared by finetune and calibrate)."""
+    from transformers import AutoTokenizer
+
+    from .data import make_collator
+    from .finetune import load_base_model
+
+    tokenizer = _from_pretrained(AutoTokenizer, model_path, "--model")
+    data = _Data(args, tokenizer)
+    try:
+        with _quiet_transformers():
+            base = load_base_model(model_path, data.num_labels, args.seed, data.label_names)
+    except OSError as exc:
+        raise CLIError(f"--model {model_path!r} could not be loaded: {_one_line(exc)}") from exc
+    return tokenizer, data, make_collator(tokenizer), base
+
+
 def _clip(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[:width - 3] + "..."
@@ -549,24 +557,14 @@ def cmd_calibrate(args) -> int:
     model_path = _model_path(args.model)
 
     _quiet_libraries()
-    from transformers import AutoTokenizer
-
     from .bases import save_bases
     from .calibration import calibrate
     from .config import SparseGradConfig
-    from .data import make_collator
-    from .finetune import calibration_batches, load_base_model
+    from .finetune import calibration_batches
 
     _prepare_datasets(args)
-    tokenizer = _from_pretrained(AutoTokenizer, model_path, "--model")
     args.max_eval_samples = 1  # calibration never looks at the validation split
-    data = _Data(args, tokenizer)
-    collator = make_collator(tokenizer)
-    try:
-        with _quiet_transformers():
-            model = load_base_model(model_path, data.num_labels, args.seed, data.label_names)
-    except OSError as exc:
-        raise CLIError(f"--model {model_path!r} could not be loaded: {_one_line(exc)}") from exc
+    _, data, collator, model = _data_and_base_model(args, model_path)
     config = SparseGradConfig(task_type="SEQ_CLS", calibration_steps=args.calibration_steps,
                               basis_method=args.basis_method)
     print(f"{data.name}: calibrating on {args.calibration_steps} batches of {args.batch_size} "
