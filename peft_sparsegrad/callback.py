@@ -19,12 +19,13 @@ If the Trainer was given a ``SparseGradOptimizer`` (``optimizers=(create_sparseg
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
 from transformers import TrainerCallback
 
-from .optim import SPARSE_MODES, SparseGradOptimizer, _sparse_step_impl, sparsegrad_parameters
+from .optim import SPARSE_MODES, SparseGradOptimizer, _sparse_step_impl, attach_support, sparsegrad_parameters
 
 
 def _unwrap(optimizer: Any) -> Any:
@@ -56,6 +57,7 @@ class SparseGradCallback(TrainerCallback):
         self._routes: list[tuple[torch.nn.Parameter, int, dict]] = []
         self._delegated: Optional[SparseGradOptimizer] = None
         self._stats: list[torch.Tensor] = []
+        self._supports_attached = False
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         sparse = sparsegrad_parameters(model)
@@ -64,6 +66,7 @@ class SparseGradCallback(TrainerCallback):
                              "peft.get_peft_model(model, SparseGradConfig(...)).")
         inner = _unwrap(optimizer)
         self._routes, self._delegated, self._stats = [], None, []
+        self._supports_attached = False
         if isinstance(inner, SparseGradOptimizer):
             self._delegated = inner  # it applies the sparse update itself
             return
@@ -78,6 +81,21 @@ class SparseGradCallback(TrainerCallback):
                                  "schedule is unknown. Let the Trainer build the optimizer from model.parameters().")
             param.sparsegrad_routed = True
             self._routes.append((param, k, group))
+            attach_support(param, inner.state.get(param, {}), self._refresh(param))  # drop stale hints
+
+    @staticmethod
+    def _refresh(param: torch.nn.Parameter) -> int:
+        return int(getattr(param, "sparsegrad_refresh_interval", 0))
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        # Tell the layers the restored fixed supports (selection="periodic") before the first backward, also where
+        # resume_from_checkpoint loads the optimizer state after on_train_begin (transformers 5.24 loads it before).
+        if self._supports_attached or self._delegated is not None or optimizer is None:
+            return
+        inner = _unwrap(optimizer)
+        for param, _, _ in self._routes:
+            attach_support(param, inner.state.get(param, {}), self._refresh(param))
+        self._supports_attached = True
 
     def on_train_end(self, args, state, control, **kwargs):
         # The routing mark holds only while this callback drives a Trainer: training the same model later with a
@@ -98,7 +116,7 @@ class SparseGradCallback(TrainerCallback):
             kept_energy, overlap, _ = _sparse_step_impl(
                 param, param.grad, inner.state[param], k=k, lr=float(group["lr"]), mode=self.mode,
                 betas=tuple(group.get("betas", (0.9, 0.999))), eps=group.get("eps", 1e-8),
-                weight_decay=self.weight_decay,
+                weight_decay=self.weight_decay, refresh_interval=self._refresh(param),
             )
             param.grad = None  # the Trainer's optimizer skips parameters without a gradient
             if self.log_statistics:
@@ -107,14 +125,16 @@ class SparseGradCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self._delegated is not None and self.log_statistics and self._delegated.last_stats:
             s = self._delegated.last_stats
-            self._stats.append(torch.tensor([s["kept_energy"], s["overlap"]]))
+            self._stats.append(torch.tensor([s.get("kept_energy", float("nan")), s["overlap"]]))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.log_statistics or not self._stats or logs is None:
             return
-        kept_energy, overlap = torch.stack([s.cpu() for s in self._stats]).mean(0).tolist()  # one sync per log
+        kept_energy, overlap = torch.stack([s.cpu() for s in self._stats]).nanmean(0).tolist()  # one sync per log
         self._stats = []
         extra = {"sparsegrad/kept_energy": round(kept_energy, 4), "sparsegrad/overlap": round(overlap, 4)}
+        if math.isnan(kept_energy):  # selection="periodic" logs it only at refresh steps
+            del extra["sparsegrad/kept_energy"]
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)  # the copy the Trainer keeps in trainer_state.json

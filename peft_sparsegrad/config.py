@@ -16,6 +16,7 @@ BASES_MODES = ("calibrate", "identity", "checkpoint")
 #: Fields that exist only at run time and never reach ``adapter_config.json``.
 RUNTIME_FIELDS = ("calibration_dataloader", "precomputed_bases")
 SPARSE_OPTIMIZERS = ("adamw", "sparse_adam", "sgd")
+SELECTIONS = ("dynamic", "periodic")
 
 
 @dataclass
@@ -66,6 +67,15 @@ class SparseGradConfig(PeftConfig):
             "'tensorly': reference HOSVD of the explicitly stacked gradient tensor (memory steps·blocks·out·in)."
         },
     )
+    gram_precision: Literal["fp32", "bf16"] = field(
+        default="fp32",
+        metadata={
+            "help": "Arithmetic of basis_method='gram' (ignored by 'tensorly'). 'fp32': float32 products, float64 "
+            "sums and eigendecomposition (most accurate, default). 'bf16': bfloat16 products of the lower triangle "
+            "(several times faster on CPUs with AVX512-BF16/AMX and on GPU tensor cores), float32 sums and float32 "
+            "eigendecomposition (half the memory), for large models such as LLaMA-2-7B."
+        },
+    )
     sparse_optimizer: Literal["adamw", "sparse_adam", "sgd"] = field(
         default="adamw",
         metadata={
@@ -73,6 +83,19 @@ class SparseGradConfig(PeftConfig):
             "'adamw' (lean: state only for entries ever selected), 'sparse_adam' (paper-faithful lazy Adam with dense "
             "moments), 'sgd'."
         },
+    )
+    selection: Literal["dynamic", "periodic"] = field(
+        default="dynamic",
+        metadata={
+            "help": "'dynamic' (the paper): every step keeps the top-k entries of the full rotated gradient. "
+            "'periodic': the top-k support is re-selected from the full rotated gradient every refresh_interval "
+            "steps and fixed in between, when backward computes the rotated gradient only at those k entries and "
+            "AdamW state is k values (faster; needs sparse_optimizer 'adamw' or 'sgd')."
+        },
+    )
+    refresh_interval: int = field(
+        default=100,
+        metadata={"help": "selection='periodic' only: optimizer steps between two re-selections of the support."},
     )
     bias: Literal["none", "all", "sparsegrad_only"] = field(
         default="none",
@@ -132,8 +155,21 @@ class SparseGradConfig(PeftConfig):
         self.bases = os.fspath(self.bases)
         if self.basis_method not in ("gram", "tensorly"):
             raise ValueError(f"basis_method must be 'gram' or 'tensorly', got {self.basis_method!r}.")
+        if self.gram_precision not in ("fp32", "bf16"):
+            raise ValueError(f"gram_precision must be 'fp32' or 'bf16', got {self.gram_precision!r}.")
         if self.sparse_optimizer not in SPARSE_OPTIMIZERS:
             raise ValueError(f"sparse_optimizer must be one of {SPARSE_OPTIMIZERS}, got {self.sparse_optimizer!r}.")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}.")
+        if isinstance(self.refresh_interval, bool) or not isinstance(self.refresh_interval, int):
+            raise TypeError(f"refresh_interval must be an int >= 1, got {self.refresh_interval!r}.")
+        if self.refresh_interval < 1:
+            raise ValueError(f"refresh_interval must be >= 1, got {self.refresh_interval}.")
+        if self.selection == "periodic" and self.sparse_optimizer == "sparse_adam":
+            raise ValueError(
+                "selection='periodic' fixes the support between refreshes, where lazy SparseAdam is plain Adam on the "
+                "support: use sparse_optimizer='adamw' (O(k) state) or 'sgd' with it."
+            )
         if self.bias not in ("none", "all", "sparsegrad_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'sparsegrad_only', got {self.bias!r}.")
         if self.layers_to_transform is not None and isinstance(self.target_modules, str):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -34,6 +35,19 @@ ROUTING_ERROR = (
     "callbacks=[peft_sparsegrad.SparseGradCallback()]; in a plain loop build the optimizer with "
     "peft_sparsegrad.create_sparsegrad_optimizer(model, lr=...)."
 )
+
+
+#: Incremental W_eff updates between two full rebuilds (bounds float32 drift; a rebuild costs about one dense step).
+FULL_REBUILD_EVERY = 200
+
+
+@dataclass
+class _WeightCache:
+    key: tuple  # which adapters, ΔW' storages, W version/storage/device
+    versions: tuple[int, ...]  # ΔW' version counters W_eff reflects
+    w_eff: torch.Tensor
+    owns_w_eff: bool  # False while W_eff is W itself (all ΔW' zero): never update W in place
+    updates: int  # incremental updates since the last full rebuild
 
 
 class _SparseGradLinearFunction(torch.autograd.Function):
@@ -78,8 +92,17 @@ class _SparseGradLinearFunction(torch.autograd.Function):
             grad_b = g2.sum(0).to(ctx.bias_dtype)
         grad_deltas = []
         for pair, need, delta in zip(ctx.pairs, need_deltas, ctx.deltas):
+            support = getattr(delta, "sparsegrad_support", None) if need else None
+            if need:
+                delta.sparsegrad_grad_support = support  # lets the optimizer check which support this grad covers
             if not need:
                 grad_deltas.append(None)
+            elif support is not None:
+                # selection="periodic" between refreshes: the optimizer reads ΔW'.grad only at the fixed support S,
+                # so only (U_outᵀ (∂L/∂W) U_in)[S] is computed; the rest of the dense grad stays 0.
+                values = pair.rotate_at(dense_grad(), support)
+                grad = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+                grad_deltas.append(grad.index_copy_(0, support.flat, values.to(delta.dtype)).view_as(delta))
             elif grad_weight is None and pair.prefers_activations(g2.shape[0]):
                 grad_deltas.append(pair.rotate_from_activations(g2, x2).to(delta.dtype))
             else:
@@ -91,7 +114,8 @@ class SparseGradLayer(BaseTunerLayer):
     """Adapter state of one layer; ``SparseGradLinear`` adds forward/merge."""
 
     adapter_layer_names = ("sparsegrad_delta",)
-    other_param_names = ("sparsegrad_k", "sparsegrad_keep_ratio", "sparsegrad_bases", "sparsegrad_type")
+    other_param_names = ("sparsegrad_k", "sparsegrad_keep_ratio", "sparsegrad_bases", "sparsegrad_type",
+                         "sparsegrad_refresh_interval")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -100,7 +124,8 @@ class SparseGradLayer(BaseTunerLayer):
         self.sparsegrad_keep_ratio: dict[str, float] = {}
         self.sparsegrad_bases: dict[str, Optional[BasisPair]] = {}  # None until loaded from a checkpoint
         self.sparsegrad_type: dict[str, str] = {}  # adapter -> layer type key (shares bases)
-        self._weight_cache: Optional[tuple[tuple, torch.Tensor]] = None  # (key, W_eff)
+        self.sparsegrad_refresh_interval: dict[str, int] = {}  # adapter -> steps between support refreshes, 0: dynamic
+        self._weight_cache: Optional[_WeightCache] = None
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         base = self.get_base_layer()
@@ -116,6 +141,7 @@ class SparseGradLayer(BaseTunerLayer):
         layer_type: str,
         init_weights: bool = True,
         inference_mode: bool = False,
+        refresh_interval: int = 0,
     ) -> None:
         if not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
@@ -126,6 +152,7 @@ class SparseGradLayer(BaseTunerLayer):
         else:  # tests only: a non-trivial adapter without training
             delta = torch.randn(shape, dtype=torch.float32, device=weight.device) * 0.02
         self.sparsegrad_k[adapter_name] = max(1, math.ceil(keep_ratio * shape[0] * shape[1]))
+        self.sparsegrad_refresh_interval[adapter_name] = int(refresh_interval)
         self._register_delta(adapter_name, delta)
         self.sparsegrad_keep_ratio[adapter_name] = keep_ratio
         self.sparsegrad_bases[adapter_name] = bases
@@ -142,7 +169,7 @@ class SparseGradLayer(BaseTunerLayer):
         if delta.device != device and delta.device.type != "meta":
             self._register_delta(adapter_name, delta.data.to(device), delta.requires_grad)
         else:  # e.g. after load_state_dict(assign=True) replaced the Parameter object
-            delta.sparsegrad_k = self.sparsegrad_k[adapter_name]
+            self._mark_delta(adapter_name)
 
     def _register_delta(self, adapter_name: str, data: torch.Tensor, requires_grad: bool = True) -> None:
         self.sparsegrad_delta[adapter_name] = nn.Parameter(data, requires_grad=requires_grad)
@@ -150,7 +177,13 @@ class SparseGradLayer(BaseTunerLayer):
         # (SparseGradOptimizer, SparseGradCallback); backward refuses to produce ΔW' gradients without it.
         # Set on the *registered* object, after registration: PEFT's init_empty_weights (low_cpu_mem_usage=True)
         # re-creates the Parameter on the meta device passing its __dict__ as keyword arguments to nn.Parameter.
-        self.sparsegrad_delta[adapter_name].sparsegrad_k = self.sparsegrad_k[adapter_name]
+        self._mark_delta(adapter_name)
+
+    def _mark_delta(self, adapter_name: str) -> None:
+        """What the optimizer reads off ΔW': its k and its refresh interval (0 = dynamic selection)."""
+        delta = self.sparsegrad_delta[adapter_name]
+        delta.sparsegrad_k = self.sparsegrad_k[adapter_name]
+        delta.sparsegrad_refresh_interval = self.sparsegrad_refresh_interval.get(adapter_name, 0)
 
     def pair(self, adapter_name: str, device: torch.device) -> BasisPair:
         pair = self.sparsegrad_bases[adapter_name]
@@ -166,19 +199,50 @@ class SparseGradLayer(BaseTunerLayer):
         """W_eff = W + Σ_a U_out ΔW'_a U_inᵀ (out × in, W's dtype), recomputed only when W or a ΔW' changed.
 
         The optimizer changes ΔW' in place, which bumps its version counter; that is the cache key. While every ΔW'
-        is zero this is W itself (no copy).
+        is zero this is W itself (no copy). After an optimizer step that changed only some entries of ΔW' (it leaves a
+        ``ChangeRecord`` on ΔW'), a float32 W_eff is updated in place by U_out δ U_inᵀ for that sparse δ
+        (``BasisPair.unrotate_sparse``) instead of being rebuilt from the whole ΔW', whose support keeps growing;
+        every ``FULL_REBUILD_EVERY`` updates it is rebuilt from scratch so float32 rounding cannot accumulate.
         """
         deltas = [self.sparsegrad_delta[a] for a in adapter_names]
-        key = (tuple((d._version, d.data_ptr()) for d in deltas), weight._version, weight.data_ptr(), weight.device)
-        if self._weight_cache is not None and self._weight_cache[0] == key:
-            return self._weight_cache[1]
+        versions = tuple(d._version for d in deltas)
+        key = (tuple(adapter_names), tuple(d.data_ptr() for d in deltas), weight._version, weight.data_ptr(),
+               weight.device)
+        cache = self._weight_cache
+        if cache is not None and cache.key == key:
+            if cache.versions == versions:
+                return cache.w_eff
+            if self._update_incrementally(cache, adapter_names, deltas, versions):
+                return cache.w_eff
         w_eff = weight
         for name, delta in zip(adapter_names, deltas):
             if delta.any():
                 change = self.pair(name, weight.device).unrotate(delta.detach().to(weight.device, torch.float32))
                 w_eff = (w_eff.float() + change).to(weight.dtype)
-        self._weight_cache = (key, w_eff)
+        self._weight_cache = _WeightCache(key, versions, w_eff, w_eff is not weight, 0)
         return w_eff
+
+    def _update_incrementally(self, cache: "_WeightCache", adapter_names: list[str], deltas: list[torch.Tensor],
+                              versions: tuple[int, ...]) -> bool:
+        """W_eff += U_out δ U_inᵀ for every ΔW' whose only change since the cache is its last ``ChangeRecord``."""
+        w_eff = cache.w_eff
+        if not cache.owns_w_eff or w_eff.dtype != torch.float32 or cache.updates >= FULL_REBUILD_EVERY:
+            return False
+        records = []
+        for delta, old, new in zip(deltas, cache.versions, versions):
+            if old == new:
+                continue
+            record = getattr(delta, "sparsegrad_last_change", None)
+            if record is None or record.version_before != old or record.version_after != new:
+                return False
+            records.append(record)
+        for name, record in zip(adapter_names, records):
+            pair = self.pair(name, w_eff.device)
+            w_eff.add_(pair.unrotate_sparse(record.flat.to(w_eff.device), record.change.to(w_eff.device),
+                                            tuple(w_eff.shape)))
+        cache.versions = versions
+        cache.updates += 1
+        return True
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔW in the base layer's own layout (in × out for Conv1D) and dtype: what merge adds."""
@@ -198,12 +262,13 @@ class SparseGradLinear(nn.Module, SparseGradLayer):
         bases: Optional[BasisPair],
         layer_type: str,
         init_weights: bool = True,
+        refresh_interval: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         SparseGradLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, keep_ratio, bases, layer_type, init_weights)
+        self.update_layer(adapter_name, keep_ratio, bases, layer_type, init_weights, refresh_interval=refresh_interval)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """W += U_out ΔW' U_inᵀ for each adapter (computed in float32, stored in the base weight's dtype)."""

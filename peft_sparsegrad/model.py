@@ -110,10 +110,11 @@ class SparseGradModel(BaseTuner):
         layer_types, pairs = self._injection
         layer_type = layer_types[current_key]
         args = (peft_config.keep_ratio, pairs[layer_type], layer_type, peft_config.init_weights)
+        refresh = peft_config.refresh_interval if getattr(peft_config, "selection", "dynamic") == "periodic" else 0
         if isinstance(target, SparseGradLinear):
-            target.update_layer(adapter_name, *args)
+            target.update_layer(adapter_name, *args, refresh_interval=refresh)
             return
-        new_module = SparseGradLinear(target, adapter_name, *args)
+        new_module = SparseGradLinear(target, adapter_name, *args, refresh_interval=refresh)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter is not trainable
         self._replace_module(parent, target_name, new_module, target)

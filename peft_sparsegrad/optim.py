@@ -35,10 +35,13 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
 import torch
+
+from .bases import Support
 
 __all__ = [
     "SPARSE_MODES",
@@ -120,6 +123,56 @@ def _flat_view(param: torch.Tensor) -> torch.Tensor:
     return param.view(-1)
 
 
+@dataclass
+class ChangeRecord:
+    """What one optimizer step changed in ΔW': ``change`` at the sorted flat indices ``flat``.
+
+    Left on ΔW' as ``sparsegrad_last_change``; the layer uses it to update its cached forward weight
+    W + U_out ΔW' U_inᵀ by U_out δ U_inᵀ for this sparse δ instead of rebuilding it, but only if ΔW'
+    went from ``version_before`` to ``version_after`` through this step and nothing else.
+    """
+
+    version_before: int
+    version_after: int
+    flat: torch.Tensor  # (n,) int64
+    change: torch.Tensor  # (n,) float32
+
+
+# Record changes only while they are this sparse: the record holds 12 bytes per entry until the next step.
+_MAX_RECORDED_FRACTION = 0.125
+
+
+def _write_back(param: torch.Tensor, p_flat: torch.Tensor, idx: torch.Tensor, new: torch.Tensor,
+                old: torch.Tensor) -> None:
+    """p[idx] ← new, leaving a ChangeRecord (new - old at idx) for the layer's forward-weight cache."""
+    before = param._version
+    p_flat.index_copy_(0, idx, new)
+    if idx.numel() <= _MAX_RECORDED_FRACTION * p_flat.numel():
+        param.sparsegrad_last_change = ChangeRecord(before, param._version, idx, (new - old).float())
+    elif hasattr(param, "sparsegrad_last_change"):
+        del param.sparsegrad_last_change
+
+
+def attach_support(param: torch.Tensor, state: dict, refresh_interval: int) -> None:
+    """Tell ΔW''s layer which entries the next backward must produce (``sparsegrad_support``).
+
+    With ``selection="periodic"`` and a refresh not due next step, that is the fixed support S from ``state``;
+    otherwise None, i.e. the full rotated gradient (dynamic selection, or a refresh that selects a new S).
+    The hint only saves work: the optimizer reads the gradient at S from its own state either way.
+    """
+    support = None
+    idx_pairs = state.get("indices")
+    if refresh_interval > 0 and idx_pairs is not None and int(state.get("step", 0)) % refresh_interval != 0:
+        current = getattr(param, "sparsegrad_support", None)
+        selected_at = int(state.get("selected_at", -1))
+        if current is not None and current.selected_at == selected_at and current.flat.device == param.device:
+            support = current
+        else:
+            flat = _load_index(state, "indices", param.shape[-1])
+            support = Support(flat.to(param.device), tuple(param.shape), selected_at)
+    param.sparsegrad_support = support
+
+
 def _sparse_step_impl(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -131,10 +184,17 @@ def _sparse_step_impl(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
+    refresh_interval: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The update itself; returns (kept_energy, overlap) as 0-dim tensors so that the optimizer
     can aggregate statistics over all layers with a single host sync."""
     _check_mode(mode)
+    if refresh_interval > 0:
+        return _periodic_step(param, grad, state, k=k, lr=lr, mode=mode, betas=betas, eps=eps,
+                              weight_decay=weight_decay, refresh_interval=refresh_interval)
+    if getattr(param, "sparsegrad_grad_support", None) is not None:
+        raise RuntimeError("ΔW'.grad was computed only on a fixed support (selection='periodic' hint), but this "
+                           "update selects the top-k of the full gradient: use one SparseGrad optimizer per model.")
     if grad.is_sparse:
         raise TypeError("SparseGrad expects a dense gradient in ΔW'.grad (top-k is selected here)")
     if grad.shape != param.shape:
@@ -175,10 +235,9 @@ def _sparse_step_impl(
 
     if mode == "sgd":
         # p[sel] ← p[sel] - lr (g[sel] + wd p[sel])   (same op order as torch.optim.SGD)
-        p_sel = p_flat.index_select(0, sel)
-        d_p = g_sel.add(p_sel, alpha=weight_decay) if weight_decay != 0 else g_sel
-        p_sel.add_(d_p, alpha=-lr)
-        p_flat.index_copy_(0, sel, p_sel)
+        p_old = p_flat.index_select(0, sel)
+        d_p = g_sel.add(p_old, alpha=weight_decay) if weight_decay != 0 else g_sel
+        _write_back(param, p_flat, sel, p_old.add(d_p, alpha=-lr), p_old)
         support = 0
 
     elif mode == "sparse_adam":
@@ -201,11 +260,12 @@ def _sparse_step_impl(
             v_flat.index_copy_(0, sel, new_v)
             denom = new_v.sqrt_().add_(eps)  # new_v already stored; safe to reuse in place
             step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-            p_sel = p_flat.index_select(0, sel)
+            p_old = p_flat.index_select(0, sel)
+            p_sel = p_old.clone()
             if weight_decay != 0:
                 p_sel.mul_(1 - lr * weight_decay)
             p_sel.add_(-step_size * numer.div_(denom))
-            p_flat.index_copy_(0, sel, p_sel)
+            _write_back(param, p_flat, sel, p_sel, p_old)
         support = n
 
     else:  # "adamw"
@@ -238,13 +298,97 @@ def _sparse_step_impl(
         # AdamW on S with the same op order as torch.optim.AdamW (single-tensor path):
         #   p ← p(1 - lr wd);  m ← m + (1-β1)(g - m);  v ← β2 v + (1-β2) g²
         #   p ← p - lr/(1-β1ᵗ) · m / (√v / √(1-β2ᵗ) + ε)
-        p_u = p_flat.index_select(0, idx)
+        p_old = p_flat.index_select(0, idx)
+        p_u = p_old.clone()
         _adamw_update(p_u, g_u, m, v, t, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        p_flat.index_copy_(0, idx, p_u)
+        _write_back(param, p_flat, idx, p_u, p_old)
         support = idx.numel()
 
     _store_index(state, "prev_selected", sel, ncols)
     return kept_energy, overlap, support
+
+
+def _periodic_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict,
+    *,
+    k: int,
+    lr: float,
+    mode: str,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    refresh_interval: int,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``selection="periodic"``: the support S (k entries) is the top-k of the full rotated gradient at every
+    ``refresh_interval``-th step and fixed in between, where only g[S] is read (and the layer computed only that).
+
+    Update rule on S: "adamw" = torch.optim.AdamW on the k-vector ΔW'[S] (state: m, v of length k and S as int32
+    (row, col) pairs); at a refresh, entries that stay in S keep their moments, new ones start at 0, and entries that
+    leave S keep their value in ΔW' but stop moving. "sgd": p[S] -= lr (g[S] + wd p[S]).
+    """
+    if mode == "sparse_adam":
+        raise ValueError("selection='periodic' works with the 'adamw' or 'sgd' update, not lazy 'sparse_adam' "
+                         "(on a fixed support lazy Adam is plain Adam with dense-sized buffers).")
+    if grad.is_sparse:
+        raise TypeError("SparseGrad expects a dense gradient in ΔW'.grad (top-k is selected here)")
+    if grad.shape != param.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} != param shape {tuple(param.shape)}")
+    if state and ("exp_avg" in state) != (mode == "adamw"):
+        raise ValueError(f"optimizer state of this parameter was not created by mode {mode!r}")
+    ncols = param.shape[-1] if param.dim() > 0 else 1
+    p_flat, g_flat = _flat_view(param), grad.reshape(-1)
+    t_done = int(state.get("step", 0))
+    old_idx = _load_index(state, "indices", ncols)
+    refresh = old_idx is None or t_done % refresh_interval == 0
+    used = getattr(param, "sparsegrad_grad_support", None)  # the support the layer computed this grad on
+    if used is not None and (refresh or used.selected_at != int(state.get("selected_at", -1))):
+        raise RuntimeError(
+            "ΔW'.grad was computed on a stale support (the sparsegrad_support hint of another optimizer or run). "
+            "Use one SparseGrad optimizer/callback per model, and call peft_sparsegrad.optim.attach_support after "
+            "loading optimizer state by hand."
+        )
+
+    if refresh:
+        idx = select_topk(grad, k)
+        total = torch.linalg.vector_norm(g_flat, dtype=torch.float32).square()
+        kept = g_flat.index_select(0, idx).float().square().sum()
+        kept_energy = torch.where(total > 0, kept / total.clamp_min(torch.finfo(torch.float32).tiny),
+                                  torch.ones_like(total))
+        if old_idx is None or idx.numel() == 0:
+            overlap = torch.zeros((), device=param.device)
+        else:
+            overlap = torch.isin(idx, old_idx).sum().float() / idx.numel()
+        _store_index(state, "indices", idx, ncols)
+        state["selected_at"] = t_done
+        if mode == "adamw":
+            m = torch.zeros(idx.numel(), dtype=param.dtype, device=param.device)
+            v = torch.zeros_like(m)
+            if old_idx is not None:  # moments follow the entries that stay in S
+                stay = torch.isin(old_idx, idx)
+                pos = torch.searchsorted(idx, old_idx[stay])
+                m.index_copy_(0, pos, state["exp_avg"][stay])
+                v.index_copy_(0, pos, state["exp_avg_sq"][stay])
+            state["exp_avg"], state["exp_avg_sq"] = m, v
+    else:
+        idx = old_idx
+        kept_energy = torch.full((), float("nan"), device=param.device)  # only g[S] exists between refreshes
+        overlap = torch.ones((), device=param.device)
+
+    state["step"] = t = t_done + 1
+    g_sel = g_flat.index_select(0, idx).to(param.dtype)
+    p_old = p_flat.index_select(0, idx)
+    if mode == "sgd":
+        d_p = g_sel.add(p_old, alpha=weight_decay) if weight_decay != 0 else g_sel
+        p_new = p_old.add(d_p, alpha=-lr)
+    else:
+        p_new = p_old.clone()
+        _adamw_update(p_new, g_sel, state["exp_avg"], state["exp_avg_sq"], t, lr=lr, betas=betas, eps=eps,
+                      weight_decay=weight_decay)
+    _write_back(param, p_flat, idx, p_new, p_old)
+    attach_support(param, state, refresh_interval)
+    return kept_energy, overlap, idx.numel()
 
 
 @torch.no_grad()
@@ -259,8 +403,12 @@ def sparse_step(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    refresh_interval: int = 0,
 ) -> dict[str, float]:
     """Apply one update to ``param`` (in place) from the dense ``grad``, keeping only its top-k entries.
+
+    ``refresh_interval`` > 0 selects ``selection="periodic"``: the top-k support is re-selected every that many
+    steps and fixed in between (``kept_energy`` is then NaN between refreshes: only g[S] is known).
 
     ``state`` is the per-parameter optimizer state dict (mutated in place; empty on the first call).
     Returns cheap statistics (this forces one host sync; the optimizer batches them instead):
@@ -269,7 +417,8 @@ def sparse_step(
     (|S| for "adamw", numel for "sparse_adam" whose buffers are dense, 0 for "sgd").
     """
     kept_energy, overlap, support = _sparse_step_impl(
-        param, grad, state, k=k, lr=lr, mode=mode, betas=betas, eps=eps, weight_decay=weight_decay
+        param, grad, state, k=k, lr=lr, mode=mode, betas=betas, eps=eps, weight_decay=weight_decay,
+        refresh_interval=refresh_interval,
     )
     ke, ov = torch.stack([kept_energy.float(), overlap.float()]).tolist()
     return {"kept_energy": ke, "overlap": ov, "support": float(support)}
@@ -373,6 +522,14 @@ class SparseGradOptimizer(torch.optim.Optimizer):
             if k < 0:
                 raise ValueError(f"'sparsegrad_k' must be >= 0, got {k}")
             group["sparsegrad_k"] = k
+            p = group["params"][0]
+            refresh = group.setdefault("refresh_interval", getattr(p, "sparsegrad_refresh_interval", 0))
+            if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 0:
+                raise ValueError(f"'refresh_interval' must be an int >= 0 (0: dynamic selection), got {refresh!r}")
+            if refresh > 0 and group["mode"] == "sparse_adam":
+                raise ValueError("selection='periodic' (refresh_interval > 0) needs mode 'adamw' or 'sgd', "
+                                 "not 'sparse_adam'.")
+            attach_support(p, self.state.get(p, {}), refresh)  # drop a hint another optimizer may have left
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -402,6 +559,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
                 ke, ov, sup = _sparse_step_impl(
                     p, p.grad, self.state[p], k=group["sparsegrad_k"], lr=lr, mode=group["mode"],
                     betas=betas, eps=group["eps"], weight_decay=group["weight_decay"],
+                    refresh_interval=group["refresh_interval"],
                 )
                 energies.append(ke.float())
                 overlaps.append(ov.float())
@@ -414,9 +572,11 @@ class SparseGradOptimizer(torch.optim.Optimizer):
                                  weight_decay=group["weight_decay"])
 
         if energies:
-            ke_mean, ov_mean = torch.stack([torch.stack(energies).mean(),
+            ke_mean, ov_mean = torch.stack([torch.stack(energies).nanmean(),
                                             torch.stack(overlaps).mean()]).tolist()  # one sync
             self.last_stats = {"kept_energy": ke_mean, "overlap": ov_mean, "support": float(support)}
+            if math.isnan(ke_mean):  # periodic selection between refreshes: no full gradient to compare with
+                del self.last_stats["kept_energy"]
         else:
             self.last_stats = {}
         return loss
@@ -437,6 +597,10 @@ class SparseGradOptimizer(torch.optim.Optimizer):
                 val = entry.get(key)
                 if isinstance(val, torch.Tensor):
                     self.state[p][key] = val.to(device=p.device, dtype=torch.int32)
+        for group in self.param_groups:
+            if "sparsegrad_k" in group:
+                p = group["params"][0]
+                attach_support(p, self.state.get(p, {}), group["refresh_interval"])
 
 
 def build_param_groups(
@@ -462,6 +626,7 @@ def build_param_groups(
         groups.append({
             "params": [p],
             "sparsegrad_k": int(k),
+            "refresh_interval": int(getattr(p, "sparsegrad_refresh_interval", 0)),
             "mode": mode,
             "lr": sparse_lr if sparse_lr is not None else lr,
             "weight_decay": sparse_weight_decay,
@@ -484,7 +649,7 @@ def sparsegrad_parameters(model: torch.nn.Module) -> list[tuple[torch.nn.Paramet
         if isinstance(module, SparseGradLayer):
             for name, param in module.sparsegrad_delta.items():
                 if param.requires_grad:
-                    param.sparsegrad_k = module.sparsegrad_k[name]
+                    module._mark_delta(name)  # k and refresh interval, also after the Parameter was replaced
                     found.append((param, module.sparsegrad_k[name]))
     return found
 
