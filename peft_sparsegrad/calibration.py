@@ -65,8 +65,13 @@ def collect_bases(
     steps: int,
     method: str = "gram",
     progress: bool = True,
+    precision: str = "fp32",
 ) -> SparseGradBases:
-    """Run ``steps`` calibration batches and return the HOSVD bases of every layer type of ``targets``."""
+    """Run ``steps`` calibration batches and return the HOSVD bases of every layer type of ``targets``.
+
+    ``precision`` is ``SparseGradConfig.gram_precision`` ("fp32" or "bf16", see ``peft_sparsegrad.bases``); the
+    "tensorly" method ignores it.
+    """
     if dataloader is None:
         raise ValueError("Calibration needs a calibration_dataloader.")
     shapes = {name: weight_shape(_base_layer(m)) for name, m in targets.items()}
@@ -78,7 +83,8 @@ def collect_bases(
     transposed = {name: is_conv1d(_base_layer(m)) for name, m in targets.items()}
     device = next(iter(weights.values())).device
 
-    accumulators = {t: GramAccumulator(*shapes[names[0]], device=device) for t, names in members.items()}
+    accumulators = {t: GramAccumulator(*shapes[names[0]], device=device, precision=precision)
+                    for t, names in members.items() if method != "tensorly"}  # tensorly stacks the gradients
     stacks: dict[str, list[torch.Tensor]] = {t: [] for t in members}
     non_finite: list[str] = []
 
@@ -162,4 +168,5 @@ def calibrate(model: nn.Module, config, dataloader: Optional[Iterable[Any]] = No
     resolve_default_targets(config, model_type)
     targets = find_target_modules(model, config)
     loader = dataloader if dataloader is not None else config.calibration_dataloader
-    return collect_bases(model, targets, loader, config.calibration_steps, config.basis_method, progress)
+    return collect_bases(model, targets, loader, config.calibration_steps, config.basis_method, progress,
+                         precision=config.gram_precision)

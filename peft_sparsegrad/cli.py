@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--sparse-optimizer", default="adamw", choices=["adamw", "sparse_adam"],
                    help="update rule of the sparse entries: adamw (state only for entries ever selected) or "
                         "sparse_adam (paper-faithful lazy Adam)")
+    m.add_argument("--gram-precision", default="fp32", choices=["fp32", "bf16"],
+                   help="arithmetic of the bases (sparsegrad, when calibrating): fp32 (float64 sums and eigh, "
+                        "default) or bf16 (bfloat16 products, float32 sums and eigh: faster, half the memory)")
     t = ft.add_argument_group("training")
     t.add_argument("--epochs", type=_positive_float, default=3.0)
     t.add_argument("--lr", type=_positive_float, default=None,
@@ -166,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--calibration-steps", type=_positive_int, default=30, help="calibration batches")
     cal.add_argument("--basis-method", default="gram", choices=["gram", "tensorly"],
                      help="gram: streaming (memory out²+in²); tensorly: reference HOSVD of the stacked gradients")
+    cal.add_argument("--gram-precision", default="fp32", choices=["fp32", "bf16"],
+                     help="gram only: fp32 (float32 products, float64 sums and eigh) or bf16 (bfloat16 products, "
+                          "float32 sums and eigh: faster, half the memory, for large models)")
     cal.add_argument("--output", required=True, metavar="FILE", help="bases file to write (.safetensors)")
     cal.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     cal.set_defaults(func=cmd_calibrate)
@@ -466,7 +472,8 @@ def cmd_finetune(args) -> int:
               f"Bases: calibrating on {args.calibration_steps} batches of {args.batch_size}", flush=True)
     setup = setup_method(args.method, base, args.keep_ratio,
                          calibration_batches(data.train, collator, args.batch_size, args.seed),
-                         args.calibration_steps, bases=args.bases, sparse_optimizer=args.sparse_optimizer)
+                         args.calibration_steps, bases=args.bases, sparse_optimizer=args.sparse_optimizer,
+                         gram_precision=args.gram_precision)
     print(f"Trainable per step: {setup.trainable_params:,} ({setup.note})", flush=True)
 
     with tempfile.TemporaryDirectory() as workdir:
@@ -492,6 +499,7 @@ def cmd_finetune(args) -> int:
         "bases": (args.bases or f"calibrated ({args.calibration_steps} steps)") if args.method == "sparsegrad" else None,
         "sparse_optimizer": args.sparse_optimizer if args.method in ("sparsegrad", "meprop") else None,
         "calibration_steps": args.calibration_steps if args.method == "sparsegrad" and not args.bases else None,
+        "gram_precision": args.gram_precision if args.method == "sparsegrad" and not args.bases else None,
         "train_samples": len(data.train), "eval_samples": len(data.dev), "num_labels": data.num_labels,
         "label_names": data.label_names, "model": model_path, "peak_rss_mb": round(peak_rss_mb(), 1),
         "torch": torch.__version__,
@@ -566,7 +574,7 @@ def cmd_calibrate(args) -> int:
     args.max_eval_samples = 1  # calibration never looks at the validation split
     _, data, collator, model = _data_and_base_model(args, model_path)
     config = SparseGradConfig(task_type="SEQ_CLS", calibration_steps=args.calibration_steps,
-                              basis_method=args.basis_method)
+                              basis_method=args.basis_method, gram_precision=args.gram_precision)
     print(f"{data.name}: calibrating on {args.calibration_steps} batches of {args.batch_size} "
           f"(from {len(data.train)} training examples)", flush=True)
     bases = calibrate(model, config, calibration_batches(data.train, collator, args.batch_size, args.seed)(),

@@ -73,8 +73,10 @@ def setup_method(
     calibration_steps: int = 30,
     bases: Optional[str] = None,
     sparse_optimizer: str = "adamw",
+    gram_precision: str = "fp32",
 ) -> MethodSetup:
-    """Wrap ``base_model`` for ``method``. ``calibration`` returns a fresh iterable of batches (SparseGrad only)."""
+    """Wrap ``base_model`` for ``method``. ``calibration`` returns a fresh iterable of batches (SparseGrad only);
+    ``gram_precision`` is ``SparseGradConfig.gram_precision`` of that calibration."""
     from peft import LoraConfig, get_peft_model
 
     if method not in METHODS:
@@ -103,7 +105,8 @@ def setup_method(
             if calibration is None:
                 raise ValueError("SparseGrad needs calibration batches or a bases file.")
             config = SparseGradConfig(task_type="SEQ_CLS", keep_ratio=keep_ratio, calibration_steps=calibration_steps,
-                                      calibration_dataloader=calibration(), sparse_optimizer=sparse_optimizer)
+                                      calibration_dataloader=calibration(), sparse_optimizer=sparse_optimizer,
+                                      gram_precision=gram_precision)
     model = get_peft_model(base_model, config)
     head = _head_params(model)
     return MethodSetup(model, [SparseGradCallback()], budget["sparsegrad_k"] + head,
