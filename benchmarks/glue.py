@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-ratio", type=float, default=0.01)
     p.add_argument("--calibration-steps", type=int, default=30)
     p.add_argument("--sparse-optimizer", default="adamw", choices=["adamw", "sparse_adam"])
+    p.add_argument("--selection", default="dynamic", choices=["dynamic", "periodic"],
+                   help="SparseGrad/MeProp top-k selection: every step, or a support refreshed every N steps")
+    p.add_argument("--refresh-interval", type=int, default=100, help="N for --selection periodic")
     p.add_argument("--lr-grid", action="append", default=[], metavar="METHOD=LR,LR,...",
                    help="override a method's learning-rate grid, e.g. --lr-grid lora=1e-3,3e-3")
     p.add_argument("--select-fraction", type=float, default=0.2, help="held-out share of train for LR selection")
@@ -89,7 +92,8 @@ def run_method(method: str, args) -> dict:
         base = load_base_model(model_path, spec.num_labels, seed, label_names)
         setup = setup_method(method, base, args.keep_ratio,
                              calibration_batches(train_ds, collator, args.batch_size, seed),
-                             args.calibration_steps, sparse_optimizer=args.sparse_optimizer)
+                             args.calibration_steps, sparse_optimizer=args.sparse_optimizer,
+                             selection=args.selection, refresh_interval=args.refresh_interval)
         result = train_and_evaluate(setup, train_ds, eval_ds, collator, spec, lr=lr, seed=seed, output_dir=workdir,
                                     **common)
         result.pop("trainer")
@@ -198,7 +202,9 @@ def main(argv=None) -> dict:
         "command": "python benchmarks/glue.py " + shlex.join(argv),
         "setup": (f"max_train_samples={args.max_train_samples}, epochs={args.epochs}, batch={args.batch_size}, "
                   f"max_seq_length={args.max_seq_length}, keep_ratio={args.keep_ratio}, calibration_steps="
-                  f"{args.calibration_steps}, sparse optimizer={args.sparse_optimizer}, LR grids={grids(args)} "
+                  f"{args.calibration_steps}, sparse optimizer={args.sparse_optimizer}, selection={args.selection}"
+                  + (f" (refresh every {args.refresh_interval} steps)" if args.selection == "periodic" else "")
+                  + f", LR grids={grids(args)} "
                   f"(chosen on a {args.select_fraction:.0%} split of train, seed 0). Trainable besides the MLP "
                   "adapter: the classification head only (attention, embeddings, LayerNorm frozen) for lora/meprop/"
                   f"sparsegrad; everything for full. torch {torch.__version__}, {torch.get_num_threads()} torch thread(s) on "

@@ -30,7 +30,9 @@ does): ``full`` (all params, torch.optim.AdamW); ``lora`` (PEFT LoRA, rank = ``m
 keep_ratio)["lora_rank"]`` so its trainable MLP params match SparseGrad's Σ k; AdamW); ``meprop``
 (SparseGradConfig(bases="identity"), create_sparsegrad_optimizer in the lean "adamw" mode); ``sparsegrad`` (bases
 calibrated on ``--calibration-steps`` synthetic batches, ``sparse_adam`` = paper-faithful lazy Adam with dense
-moments); ``sparsegrad-lean`` (the same bases, reused from the sparsegrad worker, "adamw" mode: state only on the
+moments); ``sparsegrad-periodic`` (the same bases, ``selection="periodic"``: fixed top-k support re-selected every
+``--refresh-interval`` steps, gradient computed only on it, AdamW state of k values; the first selection happens in
+the warm-up, so the median is a between-refresh step); ``sparsegrad-lean`` (the same bases, reused from the sparsegrad worker, "adamw" mode: state only on the
 entries ever selected); ``galore`` (galore-torch GaLoreAdamW on the same MLP weight matrices, rank = the LoRA rank,
 update_proj_gap 200, scale 0.25, head in a plain group; only MLP weights + head trainable. Its SVD runs on the first
 step, i.e. in the warm-up, then every 200 steps: the timed median excludes it, the warm-up times in the JSON
@@ -41,8 +43,11 @@ N forward + backward passes with Gram hooks, then the eigendecompositions), with
 bases step timed separately; the report compares it with N training steps. (b) ``--gram-shapes`` (default
 LLaMA-2-7B's MLP, (11008, 4096) and (4096, 11008)) with synthetic random gradients: the time of each
 ``GramAccumulator.add`` over ``--gram-steps`` gradients per shape (both accumulators alive, as in a calibration), and
-the eigendecomposition of each Gram matrix (what ``GramAccumulator.bases()`` does: float64 eigh, descending order,
-float32 copy), with the peak extra memory over a baseline taken after the synthetic gradients exist.
+the eigendecomposition of each Gram matrix (``peft_sparsegrad.bases.eigenbasis``, what ``GramAccumulator.bases()``
+runs per side: eigh in the sum dtype, descending order, float32 copy), with the peak extra memory over a baseline taken
+after the synthetic gradients exist. ``--gram-precision`` selects the accumulator's arithmetic (``fp32``: float32
+products, float64 sums and eigh; ``bf16``: bfloat16 products, float32 sums and eigh). ``--models none`` runs only this
+part.
 Eigendecompositions larger than ``--gram-eigh-max`` are *not run* but extrapolated, time as (n / n_measured)³ and
 memory as (n / n_measured)² from the largest measured size, and flagged. The extrapolation to a full calibration
 (30 steps × 32 blocks) is written as a formula and a number.
@@ -66,7 +71,7 @@ from typing import Any, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-ALL_METHODS = ("full", "lora", "meprop", "sparsegrad", "sparsegrad-lean", "galore")
+ALL_METHODS = ("full", "lora", "meprop", "sparsegrad", "sparsegrad-lean", "sparsegrad-periodic", "galore")
 MODELS = ("minilm", "llama", "llama-gpu", "tiny-bert")
 MIB = 2**20
 
@@ -77,13 +82,17 @@ MIB = 2**20
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=None, help=f"comma list of {', '.join(MODELS)} (default minilm,llama)")
+    p.add_argument("--models", default=None,
+                   help=f"comma list of {', '.join(MODELS)} (default minilm,llama); 'none': only the Gram timing")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (>= 2 for real runs)")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps (median reported; >= 5 for real runs)")
     p.add_argument("--keep-ratio", type=float, default=0.01)
+    p.add_argument("--refresh-interval", type=int, default=100,
+                   help="sparsegrad-periodic: steps between support re-selections (the first selection falls in the "
+                        "warm-up, so timed steps are the between-refresh steps; a refresh step costs a dynamic step)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--calibration-steps", type=int, default=30, help="calibration batches for MiniLM / tiny-bert")
     p.add_argument("--llama-calibration-steps", type=int, default=4, help="calibration batches for the LLaMA models")
@@ -98,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gram-eigh-ref-sizes", default="",
                    help="extra Gram sizes eigendecomposed only to show the time scaling, e.g. 2048")
     p.add_argument("--gram-device", default=None, help="device of the Gram timing (default: --device)")
+    p.add_argument("--gram-precision", default="fp32", choices=["fp32", "bf16"],
+                   help="GramAccumulator precision of the Gram timing (SparseGradConfig.gram_precision)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1, help="workers run at once (>1 distorts timings; --quick uses 2)")
     p.add_argument("--threads", type=int, default=None,
@@ -352,12 +363,13 @@ def setup(method: str, model_name: str, base, args) -> tuple[Any, Any, dict]:
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
             info["note"] = s.note + ("" if method == "full" else "; torch.optim.AdamW")
         return model, optimizer, info
-    # sparsegrad, sparsegrad-lean: bases calibrated on synthetic batches (not the training batches). The sparsegrad
-    # worker calibrates (timed) and writes the bases to --bases-file; sparsegrad-lean reuses that file when it exists.
+    # sparsegrad, sparsegrad-lean, sparsegrad-periodic: bases calibrated on synthetic batches (not the training
+    # batches). The sparsegrad worker calibrates (timed) and writes the bases to --bases-file; the others reuse it.
     mode = "sparse_adam" if method == "sparsegrad" else "adamw"
+    selection = "periodic" if method == "sparsegrad-periodic" else "dynamic"
     n = _calibration_steps(model_name, args)
     bases_file = args.bases_file or os.path.join(tempfile.mkdtemp(prefix="sparsegrad_bases_"), "bases.safetensors")
-    if method == "sparsegrad-lean" and os.path.exists(bases_file):
+    if method != "sparsegrad" and os.path.exists(bases_file):
         info["bases_from"] = "reused from the sparsegrad worker's calibration (same model, same batches)"
     else:
         info["calibration"] = _calibrate_timed(base, n, args)
@@ -366,7 +378,8 @@ def setup(method: str, model_name: str, base, args) -> tuple[Any, Any, dict]:
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    s = setup_method("sparsegrad", base, keep_ratio=args.keep_ratio, bases=bases_file, sparse_optimizer=mode)
+    s = setup_method("sparsegrad", base, keep_ratio=args.keep_ratio, bases=bases_file, sparse_optimizer=mode,
+                     selection=selection, refresh_interval=args.refresh_interval)
     if cuda:
         torch.cuda.synchronize()
     info["injection_s"] = time.perf_counter() - t0
@@ -543,25 +556,11 @@ def worker_train(model_name: str, method: str, args) -> dict:
     return result
 
 
-def _eigh_like_bases(gram):
-    """What GramAccumulator.bases() does for one Gram matrix: float64 eigh, descending order, float32 copy."""
-    import torch
-
-    try:
-        from peft_sparsegrad.bases import _sorted_eigh
-    except ImportError:  # pragma: no cover - private helper renamed
-        def _sorted_eigh(m):
-            w, v = torch.linalg.eigh(m)
-            return v.flip(-1), w.flip(-1)
-    u, s = _sorted_eigh(gram)
-    return u.float().contiguous(), s
-
-
 def worker_gram(args) -> dict:
     """Streaming Gram accumulation + eigendecomposition at given (out, in) shapes with synthetic gradients."""
     import torch
 
-    from peft_sparsegrad.bases import GramAccumulator
+    from peft_sparsegrad.bases import GramAccumulator, eigenbasis
 
     device = args.gram_device or args.device
     cuda = device.startswith("cuda")
@@ -590,7 +589,8 @@ def worker_gram(args) -> dict:
     sync()
     baseline = mem_now()
     reset_peak()
-    accumulators = {s: GramAccumulator(*s, device=device) for s in shapes}  # all alive, as in a calibration pass
+    # all alive, as in a calibration pass
+    accumulators = {s: GramAccumulator(*s, device=device, precision=args.gram_precision) for s in shapes}
     add_times: dict[tuple, list[float]] = {s: [] for s in shapes}
     for step in range(args.gram_steps):
         for s in shapes:
@@ -600,7 +600,9 @@ def worker_gram(args) -> dict:
             sync()
             add_times[s].append(time.perf_counter() - t0)
     accumulate_peak_over = peak() - baseline
-    gram_bytes = {s: acc.gram_out.numel() * 8 + acc.gram_in.numel() * 8 for s, acc in accumulators.items()}
+    gram_bytes = {s: sum(t.numel() * t.element_size() for t in (acc.gram_out, acc.gram_in))
+                  for s, acc in accumulators.items()}
+    sum_dtype = next(iter(accumulators.values())).gram_out.dtype if accumulators else torch.float64
     del grads
     gc.collect()
 
@@ -614,7 +616,7 @@ def worker_gram(args) -> dict:
         if cap is not None and n > cap:
             continue
         if n in ref_sizes:
-            x = torch.randn(n, 2 * n, generator=gen, dtype=torch.float64).to(device)
+            x = torch.randn(n, 2 * n, generator=gen, dtype=sum_dtype).to(device)
             gram = x @ x.T
             del x
         else:
@@ -626,7 +628,7 @@ def worker_gram(args) -> dict:
         before = mem_now()
         reset_peak()
         t0 = time.perf_counter()
-        u, _ = _eigh_like_bases(gram)
+        u, _ = eigenbasis(gram)
         sync()
         seconds = time.perf_counter() - t0
         del u
@@ -660,12 +662,13 @@ def worker_gram(args) -> dict:
         steady = times[1:] if len(times) > 1 else times
         per_shape.append({
             "shape": list(s), "add_times_s": times, "add_median_s": statistics.median(steady),
-            "gram_bytes": gram_bytes[s],
+            "adds_total_s": sum(times), "gram_bytes": gram_bytes[s],
             "bases_s": eigh[s[0]]["seconds"] + eigh[s[1]]["seconds"] if eigh[s[0]]["seconds"] is not None else None,
             "bases_measured": eigh[s[0]]["measured"] and eigh[s[1]]["measured"],
         })
     return {
-        "device": device, "gram_steps": args.gram_steps, "distinct_gradients_per_shape": n_distinct,
+        "device": device, "precision": args.gram_precision, "sum_dtype": str(sum_dtype).replace("torch.", ""),
+        "gram_steps": args.gram_steps, "distinct_gradients_per_shape": n_distinct,
         "shapes": per_shape, "eigh": [eigh[n] for n in sorted(eigh)], "eigh_empirical_exponent": exponent,
         "accumulate_peak_extra_mib": accumulate_peak_over,
         "grams_bytes_total": sum(gram_bytes.values()),
@@ -692,9 +695,9 @@ def worker_main(args) -> None:
 # parent: orchestration and reports
 
 
-FORWARDED = ("batch_size", "seq_len", "warmup", "steps", "keep_ratio", "lr", "calibration_steps",
+FORWARDED = ("batch_size", "seq_len", "warmup", "steps", "keep_ratio", "refresh_interval", "lr", "calibration_steps",
              "llama_calibration_steps", "llama_layers", "device", "dtype", "gram_shapes", "gram_steps",
-             "gram_eigh_max", "gram_eigh_ref_sizes", "gram_device", "seed", "threads")
+             "gram_eigh_max", "gram_eigh_ref_sizes", "gram_device", "gram_precision", "seed", "threads")
 
 
 def _worker_cmd(job: str, out: str, args) -> list[str]:
@@ -706,10 +709,14 @@ def _worker_cmd(job: str, out: str, args) -> list[str]:
     return cmd
 
 
+_BASES_JOBS = (":sparsegrad", ":sparsegrad-lean", ":sparsegrad-periodic")  # share one calibration per model
+_REUSING_JOBS = _BASES_JOBS[1:]
+
+
 def run_worker(job: str, args, tmp: str) -> dict:
     out = os.path.join(tmp, job.replace(":", "__") + ".json")
     cmd = _worker_cmd(job, out, args)
-    if job.endswith((":sparsegrad", ":sparsegrad-lean")):
+    if job.endswith(_BASES_JOBS):
         cmd += ["--bases-file", os.path.join(tmp, job.split(":")[0] + ".bases.safetensors")]
     load_before = _loadavg()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -852,7 +859,7 @@ def extrapolate_gram(gram: dict, steps: int = 30, blocks: int = 32) -> dict:
         "bases_all_measured": all(s["bases_measured"] for s in gram["shapes"]),
         "persistent_gram_mib": persistent,
         "peak_extra_estimate_mib": peak_est,
-        "peak_extra_formula": "max(measured accumulation peak, persistent fp64 Grams + largest eigh peak extra)",
+        "peak_extra_formula": "max(measured accumulation peak, persistent Grams + largest eigh peak extra)",
     }
 
 
@@ -942,17 +949,25 @@ def write_markdown(results: dict, path: str) -> None:
             lines += [f"error: {gram['error']}", "", f"```\n{gram.get('stderr_tail', '')}\n```", ""]
         else:
             ex = gram["extrapolation"]
-            lines += [f"Device {gram['device']} ({gram['torch_threads']} threads); {gram['gram_steps']} gradients "
+            precision = gram.get("precision", "fp32")
+            arithmetic = {"fp32": "float32 products, float64 sums and eigh",
+                          "bf16": "bfloat16 products (lower triangle), float32 sums and eigh"}.get(precision, "")
+            lines += [f"Gram precision `{precision}` ({arithmetic}). "
+                      f"Device {gram['device']} ({gram['torch_threads']} threads); {gram['gram_steps']} gradients "
                       f"added per shape ({gram['distinct_gradients_per_shape']} distinct, reused); first add of each "
                       "shape excluded from the median. Memory: "
                       f"{gram['peak_kind']} over a baseline taken after the synthetic gradients were allocated.", "",
-                      "| shape (out, in) | add times (s) | median add (s) | Gram bytes fp64 (MiB) | "
-                      "bases = eigh(out²)+eigh(in²) (s) |",
-                      "|---|---|---|---|---|"]
+                      "| shape (out, in) | add times (s) | median add (s) | "
+                      f"Gram bytes {gram.get('sum_dtype', 'float64')} (MiB) | bases = eigh(out²)+eigh(in²) (s) | "
+                      "all adds + bases (s) |",
+                      "|---|---|---|---|---|---|"]
             for s in gram["shapes"]:
+                type_total = (s["adds_total_s"] + s["bases_s"]
+                              if s.get("adds_total_s") is not None and s["bases_s"] is not None else None)
                 lines.append(f"| {tuple(s['shape'])} | {', '.join(f'{t:.3g}' for t in s['add_times_s'])} | "
                              f"{s['add_median_s']:.3g} | {s['gram_bytes'] / MIB:.0f} | "
-                             f"{_fmt(s['bases_s'], '.3g')}{'' if s['bases_measured'] else ' (partly extrapolated)'} |")
+                             f"{_fmt(s['bases_s'], '.3g')}{'' if s['bases_measured'] else ' (partly extrapolated)'} | "
+                             f"{_fmt(type_total, '.4g')} |")
             lines += ["", "| eigh size n | time (s) | peak extra (MiB) | status |", "|---|---|---|---|"]
             for e in gram["eigh"]:
                 status = ("measured (reference size, only for the scaling)" if e.get("reference_only") else
@@ -965,8 +980,15 @@ def write_markdown(results: dict, path: str) -> None:
                            if alt is not None else "")
                 lines.append(f"| {e['n']} | {_fmt(e['seconds'], '.3g')}{alt_txt} | "
                              f"{_fmt(e['peak_extra_mib'], '.0f')} | {status} |")
+            totals = [(tuple(s["shape"]), s["adds_total_s"] + s["bases_s"]) for s in gram["shapes"]
+                      if s.get("adds_total_s") is not None and s["bases_s"] is not None]
+            if totals:
+                lines += ["", f"Per layer type with these {gram['gram_steps']} gradients ({gram['gram_steps']} adds + "
+                          "eigh(out²) + eigh(in²)): " + ", ".join(f"{sh}: {t:.4g} s" for sh, t in totals)
+                          + (" (the paper: 668 s for 30 gradients of one type; target ≤ 300 s, ≤ 2 GiB extra)"
+                             if is_7b else "") + "."]
             lines += ["", f"Measured: peak extra memory while accumulating both shapes' Grams: "
-                      f"{gram['accumulate_peak_extra_mib']:.0f} MiB (of which persistent fp64 Grams "
+                      f"{gram['accumulate_peak_extra_mib']:.0f} MiB (of which persistent Grams "
                       f"{ex['persistent_gram_mib']:.0f} MiB, exact). Estimated peak extra of the whole bases step "
                       f"= {ex['peak_extra_formula']} = {_fmt(ex['peak_extra_estimate_mib'], '.0f')} MiB"
                       f"{'' if ex['bases_all_measured'] else ' (uses the extrapolated eigh memory)'}.", "",
@@ -1042,7 +1064,7 @@ def main(argv=None) -> None:
         return
     t_start = time.perf_counter()
     methods = _methods(args)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = [m.strip() for m in args.models.split(",") if m.strip() and m.strip().lower() != "none"]
     for name in models:
         if name not in MODELS:
             raise SystemExit(f"unknown model {name!r}; choose from {MODELS}")
@@ -1078,9 +1100,9 @@ def main(argv=None) -> None:
             print(f"[speed_memory] {job}: {status} ({r.get('worker_wall_s', 0):.0f} s)", flush=True)
             return job, r
 
-        # sparsegrad-lean reuses the sparsegrad worker's bases: run it in a second wave
-        waves = [[j for j in jobs if not j.endswith(":sparsegrad-lean")],
-                 [j for j in jobs if j.endswith(":sparsegrad-lean")]]
+        # sparsegrad-lean/-periodic reuse the sparsegrad worker's bases: run them in a second wave
+        waves = [[j for j in jobs if not j.endswith(_REUSING_JOBS)],
+                 [j for j in jobs if j.endswith(_REUSING_JOBS)]]
         done = []
         for wave in waves:
             if args.jobs > 1:

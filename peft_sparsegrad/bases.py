@@ -49,8 +49,13 @@ class BasisPair:
     it to a bf16/fp16 base model's dtype, which destroys orthogonality.
     """
 
-    U_out: Optional[torch.Tensor]  # (out, out)
-    U_in: Optional[torch.Tensor]  # (in, in)
+    U_out: Optional[torch.Tensor]  # (out, out), stored column-major
+    U_in: Optional[torch.Tensor]  # (in, in), stored column-major
+
+    def __post_init__(self) -> None:
+        # Column-major storage (Uᵀ contiguous): the sparse products read columns of U (rows of Uᵀ), which is ~20× faster
+        # on contiguous memory; dense GEMMs take either layout at the same speed.
+        self.U_out, self.U_in = _column_major(self.U_out), _column_major(self.U_in)
 
     @property
     def is_identity(self) -> bool:
@@ -143,6 +148,12 @@ class BasisPair:
         if n_out * cols.numel() * (rows.numel() + n_in) <= n_in * rows.numel() * (cols.numel() + n_out):
             return (u_out @ block) @ u_in.T
         return u_out @ (block @ u_in.T)
+
+
+def _column_major(u: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if u is None or u.dim() != 2 or u.mT.is_contiguous():
+        return u
+    return u.mT.contiguous().mT
 
 
 @dataclass

@@ -145,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--sparse-optimizer", default="adamw", choices=["adamw", "sparse_adam"],
                    help="update rule of the sparse entries: adamw (state only for entries ever selected) or "
                         "sparse_adam (paper-faithful lazy Adam)")
+    m.add_argument("--selection", default="dynamic", choices=["dynamic", "periodic"],
+                   help="dynamic: top-k of the full rotated gradient every step (the paper); periodic: the top-k "
+                        "support is re-selected every --refresh-interval steps and fixed in between (faster)")
+    m.add_argument("--refresh-interval", type=_positive_int, default=100,
+                   help="steps between support re-selections with --selection periodic")
     m.add_argument("--gram-precision", default="fp32", choices=["fp32", "bf16"],
                    help="arithmetic of the bases (sparsegrad, when calibrating): fp32 (float64 sums and eigh, "
                         "default) or bf16 (bfloat16 products, float32 sums and eigh: faster, half the memory)")
@@ -473,7 +478,8 @@ def cmd_finetune(args) -> int:
     setup = setup_method(args.method, base, args.keep_ratio,
                          calibration_batches(data.train, collator, args.batch_size, args.seed),
                          args.calibration_steps, bases=args.bases, sparse_optimizer=args.sparse_optimizer,
-                         gram_precision=args.gram_precision)
+                         gram_precision=args.gram_precision, selection=args.selection,
+                         refresh_interval=args.refresh_interval)
     print(f"Trainable per step: {setup.trainable_params:,} ({setup.note})", flush=True)
 
     with tempfile.TemporaryDirectory() as workdir:
@@ -498,6 +504,9 @@ def cmd_finetune(args) -> int:
         "keep_ratio": args.keep_ratio if args.method != "full" else None,
         "bases": (args.bases or f"calibrated ({args.calibration_steps} steps)") if args.method == "sparsegrad" else None,
         "sparse_optimizer": args.sparse_optimizer if args.method in ("sparsegrad", "meprop") else None,
+        "selection": args.selection if args.method in ("sparsegrad", "meprop") else None,
+        "refresh_interval": (args.refresh_interval if args.method in ("sparsegrad", "meprop")
+                             and args.selection == "periodic" else None),
         "calibration_steps": args.calibration_steps if args.method == "sparsegrad" and not args.bases else None,
         "gram_precision": args.gram_precision if args.method == "sparsegrad" and not args.bases else None,
         "train_samples": len(data.train), "eval_samples": len(data.dev), "num_labels": data.num_labels,

@@ -74,6 +74,8 @@ def setup_method(
     bases: Optional[str] = None,
     sparse_optimizer: str = "adamw",
     gram_precision: str = "fp32",
+    selection: str = "dynamic",
+    refresh_interval: int = 100,
 ) -> MethodSetup:
     """Wrap ``base_model`` for ``method``. ``calibration`` returns a fresh iterable of batches (SparseGrad only);
     ``gram_precision`` is ``SparseGradConfig.gram_precision`` of that calibration."""
@@ -96,21 +98,25 @@ def setup_method(
                            f"LoRA r={budget['lora_rank']} on the MLP ({budget['lora_params']} params) + head")
     if method == "meprop":
         config = SparseGradConfig(task_type="SEQ_CLS", keep_ratio=keep_ratio, bases="identity",
-                                  sparse_optimizer=sparse_optimizer)
+                                  sparse_optimizer=sparse_optimizer, selection=selection,
+                                  refresh_interval=refresh_interval)
     else:
         if bases is not None:
             config = SparseGradConfig(task_type="SEQ_CLS", keep_ratio=keep_ratio, bases=bases,
-                                      sparse_optimizer=sparse_optimizer)
+                                      sparse_optimizer=sparse_optimizer, selection=selection,
+                                      refresh_interval=refresh_interval)
         else:
             if calibration is None:
                 raise ValueError("SparseGrad needs calibration batches or a bases file.")
             config = SparseGradConfig(task_type="SEQ_CLS", keep_ratio=keep_ratio, calibration_steps=calibration_steps,
                                       calibration_dataloader=calibration(), sparse_optimizer=sparse_optimizer,
-                                      gram_precision=gram_precision)
+                                      gram_precision=gram_precision, selection=selection,
+                                      refresh_interval=refresh_interval)
     model = get_peft_model(base_model, config)
     head = _head_params(model)
+    chosen = "per step" if selection == "dynamic" else f"support re-selected every {refresh_interval} steps"
     return MethodSetup(model, [SparseGradCallback()], budget["sparsegrad_k"] + head,
-                       f"top-{keep_ratio:.2%} of the MLP ({budget['sparsegrad_k']} entries/step) + head")
+                       f"top-{keep_ratio:.2%} of the MLP ({budget['sparsegrad_k']} entries, {chosen}) + head")
 
 
 def _head_params(model: torch.nn.Module) -> int:

@@ -12,6 +12,11 @@ those of the original layer with weight W + ΔW. Backward writes the dense rotat
 ΔW'.grad; the top-k selection happens once per optimizer step (peft_sparsegrad.optim), after gradient accumulation and
 after the data-parallel all-reduce, so every rank selects the same entries. The bias stays in the original basis and
 gets the ordinary bias gradient.
+
+With ``selection="periodic"`` the optimizer leaves the fixed support S on ΔW' (``sparsegrad_support``) between
+refreshes, and backward computes only (U_outᵀ (∂L/∂W) U_in)[S] (``BasisPair.rotate_at``), the rest of ΔW'.grad being 0.
+After a step the optimizer also leaves what it changed (``sparsegrad_last_change``), which updates the cached W_eff in
+place by U_out δ U_inᵀ (``BasisPair.unrotate_sparse``) instead of rebuilding it.
 """
 
 from __future__ import annotations

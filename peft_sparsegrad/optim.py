@@ -138,8 +138,9 @@ class ChangeRecord:
     change: torch.Tensor  # (n,) float32
 
 
-# Record changes only while they are this sparse: the record holds 12 bytes per entry until the next step.
-_MAX_RECORDED_FRACTION = 0.125
+# Record changes only while they are this sparse (the record holds 12 bytes per entry until the next step; the lean
+# "adamw" mode changes its whole support S every step, which grows over training).
+_MAX_RECORDED_FRACTION = 0.5
 
 
 def _write_back(param: torch.Tensor, p_flat: torch.Tensor, idx: torch.Tensor, new: torch.Tensor,

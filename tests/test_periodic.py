@@ -39,6 +39,8 @@ def test_rotate_at_and_unrotate_sparse_match_dense_products(shape, identity):
     gen = torch.Generator().manual_seed(0)
     n_out, n_in = shape
     pair = BasisPair(None, None) if identity else BasisPair(_orthogonal(n_out, gen), _orthogonal(n_in, gen))
+    if not identity:  # stored column-major: the sparse products read columns of U
+        assert pair.U_out.mT.is_contiguous() and pair.U_in.mT.is_contiguous()
     u_out = torch.eye(n_out) if identity else pair.U_out
     u_in = torch.eye(n_in) if identity else pair.U_in
     for k in (1, 37, n_out * n_in):
