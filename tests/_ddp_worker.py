@@ -22,7 +22,8 @@ torch.set_num_threads(1)
 import torch.distributed as dist  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import get_peft_model  # noqa: E402
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
+from transformers import (BertConfig, BertForSequenceClassification, Trainer, TrainerCallback,  # noqa: E402
+                          TrainingArguments)
 
 import peft_sparsegrad  # noqa: E402
 from peft_sparsegrad import SparseGradCallback, SparseGradConfig  # noqa: E402
@@ -36,7 +37,7 @@ def tensors(n: int, seed: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": (ids[:, 0] < VOCAB // 2).long()}
 
 
-def build(calibration_seed: int):
+def build(calibration_seed: int, **sparsegrad_options):
     torch.manual_seed(0)  # identical base model on every rank
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=SEQ, hidden_dropout_prob=0.0,
@@ -46,7 +47,7 @@ def build(calibration_seed: int):
     calibration = [{k: v[i * 4:(i + 1) * 4] for k, v in data.items()} for i in range(2)]
     return get_peft_model(base, SparseGradConfig(calibration_dataloader=calibration, calibration_steps=2,
                                                  task_type="SEQ_CLS", modules_to_save=["classifier"],
-                                                 keep_ratio=0.05))
+                                                 keep_ratio=0.05, **sparsegrad_options))
 
 
 def layers(model):
@@ -92,7 +93,22 @@ def main(out_dir: str) -> None:
         {k: v.tolist() for k, v in tensors(32, seed=0).items()}), callbacks=[SparseGradCallback()])
     trainer.train()
     head = model.base_model.model.classifier.modules_to_save["default"]
+
+    # 3. selection="periodic": between refreshes each rank computes gradients only on its fixed supports, which must
+    # be the same on both ranks (chosen from the all-reduced gradient at the refresh)
+    periodic = build(calibration_seed=100 + rank, selection="periodic", refresh_interval=2)
+    hinted = []
+
+    class RecordHints(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            hinted.append(all(getattr(m.sparsegrad_delta["default"], "sparsegrad_grad_support", None) is not None
+                              for m in layers(periodic).values()))
+
+    data = Dataset.from_dict({k: v.tolist() for k, v in tensors(32, seed=0).items()})
+    Trainer(model=periodic, args=args, train_dataset=data, callbacks=[RecordHints(), SparseGradCallback()]).train()
     torch.save({
+        "periodic_deltas": {name: m.sparsegrad_delta["default"].detach().clone() for name, m in layers(periodic).items()},
+        "periodic_hinted": hinted,
         "rank": rank,
         "world_size": args.world_size,
         "wrapped": type(trainer.model_wrapped).__name__,

@@ -76,3 +76,13 @@ def test_ddp_does_not_broadcast_bases(ranks):
     basis_shapes = {tuple(u.shape) for pair in r0["bases"].values() for u in pair}
     assert basis_shapes == {(64, 64), (32, 32)}
     assert not basis_shapes & set(r0["buffer_shapes"]), r0["buffer_shapes"]
+
+
+def test_ddp_periodic_selection_keeps_ranks_identical(ranks):
+    """selection="periodic" (refresh every 2 steps): steps 2 and 4 compute gradients on the fixed supports only, and
+    the ranks still end with identical adapters."""
+    r0, r1 = ranks
+    assert r0["periodic_hinted"] == r1["periodic_hinted"] == [False, True, False, True]
+    for name, delta in r0["periodic_deltas"].items():
+        assert torch.count_nonzero(delta) > 0
+        torch.testing.assert_close(r1["periodic_deltas"][name], delta, atol=0, rtol=0)
