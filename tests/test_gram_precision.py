@@ -65,7 +65,7 @@ def test_dtypes_of_both_precisions():
         assert acc.gram_out.dtype == acc.gram_in.dtype == sum_dtype
         assert s_out.dtype == s_in.dtype == sum_dtype  # eigh ran in the sum dtype
         assert pair.U_out.dtype == pair.U_in.dtype == torch.float32
-        assert pair.U_out.is_contiguous() and pair.U_in.is_contiguous()
+        assert pair.U_out.mT.is_contiguous() and pair.U_in.mT.is_contiguous()  # column-major, as BasisPair stores
 
 
 def test_bf16_lower_triangle_matches_float64_gram_across_row_blocks(monkeypatch):
