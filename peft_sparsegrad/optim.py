@@ -26,6 +26,14 @@ Three update modes for the sparse parameters (``SPARSE_MODES``):
 * ``"sgd"`` - p[sel] -= lr · (g[sel] + wd · p[sel]); no moments. With k = numel it is exactly
   ``torch.optim.SGD`` (used to check keep_ratio = 1 ≡ full fine-tuning).
 
+Selection. By default (``refresh_interval`` 0, ``selection="dynamic"``) the top-k is re-selected from the full
+rotated gradient every step. With ``refresh_interval`` N > 0 (``selection="periodic"``) the support S is selected
+every N-th step and fixed in between; the optimizer hands S to the layer (``attach_support``) so that backward only
+computes g[S], and runs "adamw" (AdamW on the k-vector ΔW'[S], O(k) state) or "sgd" on S.
+
+Every update leaves a ``ChangeRecord`` (which entries changed, by how much) on ΔW', from which the layer updates its
+cached forward weight instead of rebuilding it.
+
 All other (dense) trainable parameters (classifier heads, ...) are plain AdamW in the same
 ``SparseGradOptimizer`` object, so a single optimizer / LR scheduler / checkpoint covers the model.
 """
