@@ -18,10 +18,13 @@ Two precisions (``SparseGradConfig.gram_precision``):
   11008). Each gradient is cast to bfloat16 once; only the lower triangle of each Gram matrix (all that ``eigh``
   reads) is formed, in bfloat16 products (AVX512-BF16/AMX CPUs and GPU tensor cores; a CPU matmul cannot return
   float32 from bfloat16 inputs, so each product block is rounded to bfloat16 once) summed in float32; ``eigh`` runs in
-  float32. On 2 CPU cores one 11008 × 4096 gradient adds in ~1 s instead of ~7 s, the Gram matrices take half the
-  memory and eigh(11008) about half the time. The cost is accuracy in the weakly determined tail: the leading
-  eigenvectors agree with the fp32 path (|cos| > 0.99) and the gradient energy the top 1 % of rotated entries capture
-  changes by less than 0.1 percentage points on MiniLM/SST-2 (README, "Bases at LLaMA-2-7B shapes").
+  float32. Measured on 2 CPU cores (AVX512-BF16) at LLaMA-2-7B's (11008, 4096): one gradient adds in 1.0 s instead of
+  ~7 s, eigh(11008) takes 77 s instead of 150-240 s (float64, extrapolated), the Gram matrices take half the memory,
+  so 30 gradients of one layer type cost 111 s and 1.9 GiB. The cost is accuracy where eigenvectors are weakly
+  determined (nearly equal eigenvalues), which hardly matters for concentrating gradients: on MiniLM/SST-2 the leading
+  eigenvectors agree with the fp32 path to |cos| ≥ 0.999999 and the held-out gradient energy the top 1 % of rotated
+  entries hold changes by -2e-5 and -3e-5 (of 0.923 and 0.873). See README, "Speed and memory", and
+  ``benchmarks/gram_precision_quality.py``.
 """
 
 from __future__ import annotations
