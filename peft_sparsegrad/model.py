@@ -100,7 +100,7 @@ class SparseGradModel(BaseTuner):
             if config.calibration_dataloader is None:
                 raise ValueError(NO_BASES_ERROR)
             bases = collect_bases(model, targets, config.calibration_dataloader, config.calibration_steps,
-                                  config.basis_method)
+                                  config.basis_method, precision=getattr(config, "gram_precision", "fp32"))
             return {t: bases.pairs[t] for t in types}
         bases = load_bases(config.bases)
         bases.check_compatible(layer_types, shapes)

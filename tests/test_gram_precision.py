@@ -150,8 +150,6 @@ def test_get_peft_model_bf16_trains_saves_and_loads(tmp_path):
     torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="SparseGradModel (model.py) does not yet pass precision=config.gram_precision "
-                                       "to collect_bases; remove this marker when it does")
 def test_get_peft_model_calibrates_with_gram_precision(monkeypatch):
     seen: list[str] = []
 
