@@ -174,8 +174,8 @@ def test_inspect_reports_types_k_and_loading(finetuned):
 
 
 def test_finetune_meprop_on_own_csv_then_inspect(tmp_path):
-    """--train-file/--validation-file with custom columns and string labels; MeProp stores no bases, but inspect
-    still reports every layer's shape and k (from the saved ΔW' shapes)."""
+    """--train-file/--validation-file with custom columns and string labels; MeProp (here with periodic selection)
+    stores no bases, but inspect still reports every layer's shape and k (from the saved ΔW' shapes)."""
     import csv
 
     for name, rows in (("train.csv", _rows(32, 0)), ("dev.csv", _rows(8, 100))):
@@ -186,10 +186,13 @@ def test_finetune_meprop_on_own_csv_then_inspect(tmp_path):
     out_dir = tmp_path / "meprop"
     code, stdout, stderr = _run(["finetune", "--train-file", tmp_path / "train.csv", "--validation-file",
                                  tmp_path / "dev.csv", "--text-column", "review", "--label-column", "sentiment",
-                                 "--method", "meprop", *TINY, "--output-dir", out_dir])
+                                 "--method", "meprop", "--selection", "periodic", "--refresh-interval", "2", *TINY,
+                                 "--output-dir", out_dir])
     assert code == 0, stderr
     results = json.loads((out_dir / "results.json").read_text())
     assert results["method"] == "meprop" and results["metric"] == "accuracy" and results["label_names"] == ["neg", "pos"]
+    assert results["selection"] == "periodic" and results["refresh_interval"] == 2
+    assert "support re-selected every 2 steps" in results["note"]
     assert results["eval_samples"] == 8 and results["bases"] is None
     code, stdout, stderr = _run(["inspect", out_dir])
     assert code == 0, stderr
