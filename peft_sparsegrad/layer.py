@@ -233,15 +233,15 @@ class SparseGradLayer(BaseTunerLayer):
         w_eff = cache.w_eff
         if not cache.owns_w_eff or w_eff.dtype != torch.float32 or cache.updates >= FULL_REBUILD_EVERY:
             return False
-        records = []
-        for delta, old, new in zip(deltas, cache.versions, versions):
+        records = []  # (adapter, record) of every ΔW' that changed
+        for name, delta, old, new in zip(adapter_names, deltas, cache.versions, versions):
             if old == new:
                 continue
             record = getattr(delta, "sparsegrad_last_change", None)
             if record is None or record.version_before != old or record.version_after != new:
                 return False
-            records.append(record)
-        for name, record in zip(adapter_names, records):
+            records.append((name, record))
+        for name, record in records:
             pair = self.pair(name, w_eff.device)
             w_eff.add_(pair.unrotate_sparse(record.flat.to(w_eff.device), record.change.to(w_eff.device),
                                             tuple(w_eff.shape)))

@@ -225,3 +225,28 @@ def test_periodic_statistics_report_energy_only_at_refreshes():
     assert "kept_energy" in seen[0] and 0 < seen[0]["kept_energy"] <= 1
     assert "kept_energy" not in seen[1] and seen[1]["overlap"] == 1.0
     assert "kept_energy" in seen[2] and math.isfinite(seen[2]["kept_energy"])
+
+
+def test_incremental_forward_weight_with_two_active_adapters():
+    """Both adapters active in the forward, only the second one trains: its change must be unrotated with its own
+    bases (identity here), not with the first adapter's."""
+    model = _model(keep_ratio=0.05, init_weights=False)
+    model.add_adapter("second", SparseGradConfig(bases="identity", keep_ratio=0.05))
+    for layer in sparsegrad_layers(model).values():
+        layer.set_adapter(["default", "second"])
+        layer.sparsegrad_delta["default"].requires_grad_(False)
+        layer.sparsegrad_delta["second"].requires_grad_(True)
+    opt = create_sparsegrad_optimizer(model, lr=1e-2)
+    for batch in batch_list("bert", 3, seed=12):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    model(**batch)
+    layers = sparsegrad_layers(model)
+    assert any(layer._weight_cache.updates > 0 for layer in layers.values()), "incremental path never taken"
+    for name, layer in layers.items():
+        assert torch.count_nonzero(layer.sparsegrad_delta["second"]) > 0
+        cached = layer._weight_cache.w_eff.clone()
+        layer._weight_cache = None
+        rebuilt = layer.effective_weight(["default", "second"], layer.get_base_layer().weight)
+        torch.testing.assert_close(cached, rebuilt, atol=1e-6, rtol=1e-5, msg=name)
