@@ -112,7 +112,9 @@ def test_bf16_bases_orthogonal_agree_and_concentrate_like_fp32(shape, decay):
     assert abs(share16 - share32) < 1e-3, (share16, share32)
 
 
-def test_calibrate_passes_gram_precision_and_tensorly_ignores_it(monkeypatch):
+@pytest.fixture
+def precisions_seen(monkeypatch) -> list[str]:
+    """The precision of every GramAccumulator calibration creates."""
     seen: list[str] = []
 
     class Spy(GramAccumulator):
@@ -121,6 +123,11 @@ def test_calibrate_passes_gram_precision_and_tensorly_ignores_it(monkeypatch):
             super().__init__(*args, precision=precision, **kwargs)
 
     monkeypatch.setattr(calibration_module, "GramAccumulator", Spy)
+    return seen
+
+
+def test_calibrate_passes_gram_precision_and_tensorly_ignores_it(precisions_seen):
+    seen = precisions_seen
     model = build_model("bert")
     bf16 = calibrate(model, SparseGradConfig(calibration_steps=2, gram_precision="bf16"),
                      batch_stream("bert", seed=11), progress=False)
@@ -150,15 +157,8 @@ def test_get_peft_model_bf16_trains_saves_and_loads(tmp_path):
     torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-6, rtol=0)
 
 
-def test_get_peft_model_calibrates_with_gram_precision(monkeypatch):
-    seen: list[str] = []
-
-    class Spy(GramAccumulator):
-        def __init__(self, *args, precision: str = "fp32", **kwargs) -> None:
-            seen.append(precision)
-            super().__init__(*args, precision=precision, **kwargs)
-
-    monkeypatch.setattr(calibration_module, "GramAccumulator", Spy)
+def test_get_peft_model_calibrates_with_gram_precision(precisions_seen):
+    seen = precisions_seen
     get_peft_model(build_model("bert"), SparseGradConfig(task_type="SEQ_CLS", calibration_steps=2,
                                                          gram_precision="bf16",
                                                          calibration_dataloader=batch_stream("bert", seed=21)))

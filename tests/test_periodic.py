@@ -30,6 +30,16 @@ def _deltas(model) -> dict[str, torch.Tensor]:
     return {n: m.sparsegrad_delta["default"] for n, m in sparsegrad_layers(model).items()}
 
 
+def _train(model, batches, lr: float = 1e-2) -> dict[str, torch.Tensor]:
+    """Plain loop with create_sparsegrad_optimizer; returns copies of the trained ΔW'."""
+    opt = create_sparsegrad_optimizer(model, lr=lr)
+    for batch in batches:
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    return {n: d.detach().clone() for n, d in _deltas(model).items()}
+
+
 # ---- the two sparse products --------------------------------------------------------------------------------------
 
 
@@ -129,13 +139,7 @@ def test_periodic_keep_ratio_one_equals_dynamic_adamw():
     results = []
     for selection in ("dynamic", "periodic"):
         torch.manual_seed(0)
-        model = _model(keep_ratio=1.0, selection=selection, refresh_interval=2)
-        opt = create_sparsegrad_optimizer(model, lr=1e-2)
-        for batch in batches:
-            opt.zero_grad()
-            model(**batch).loss.backward()
-            opt.step()
-        results.append({n: d.detach().clone() for n, d in _deltas(model).items()})
+        results.append(_train(_model(keep_ratio=1.0, selection=selection, refresh_interval=2), batches))
     for n in results[0]:
         assert results[0][n].abs().max() > 1e-3
         torch.testing.assert_close(results[1][n], results[0][n], atol=1e-5, rtol=1e-4)
@@ -147,12 +151,7 @@ def test_periodic_interval_one_sgd_equals_dynamic_sgd():
     results = []
     for selection in ("dynamic", "periodic"):
         model = _model("gpt2", selection=selection, refresh_interval=1, sparse_optimizer="sgd")
-        opt = create_sparsegrad_optimizer(model, lr=0.5)
-        for batch in batches:
-            opt.zero_grad()
-            model(**batch).loss.backward()
-            opt.step()
-        results.append({n: d.detach().clone() for n, d in _deltas(model).items()})
+        results.append(_train(model, batches, lr=0.5))
     for n in results[0]:
         assert torch.count_nonzero(results[0][n]) > 0
         assert torch.equal(results[1][n], results[0][n])
@@ -165,12 +164,9 @@ def test_periodic_interval_one_sgd_equals_dynamic_sgd():
                                             ("adamw", "periodic")])
 def test_incremental_forward_weight_equals_rebuild(mode, selection):
     model = _model(keep_ratio=0.02, sparse_optimizer=mode, selection=selection, refresh_interval=2)
-    opt = create_sparsegrad_optimizer(model, lr=1e-2)
-    for batch in batch_list("bert", 5, seed=9):
-        opt.zero_grad()
-        model(**batch).loss.backward()
-        opt.step()
-    model(**batch)  # brings every cached forward weight up to date
+    batches = batch_list("bert", 5, seed=9)
+    _train(model, batches)
+    model(**batches[-1])  # brings every cached forward weight up to date
     layers = sparsegrad_layers(model)
     assert any(layer._weight_cache.updates > 0 for layer in layers.values()), "incremental path never taken"
     for name, layer in layers.items():
@@ -236,12 +232,9 @@ def test_incremental_forward_weight_with_two_active_adapters():
         layer.set_adapter(["default", "second"])
         layer.sparsegrad_delta["default"].requires_grad_(False)
         layer.sparsegrad_delta["second"].requires_grad_(True)
-    opt = create_sparsegrad_optimizer(model, lr=1e-2)
-    for batch in batch_list("bert", 3, seed=12):
-        opt.zero_grad()
-        model(**batch).loss.backward()
-        opt.step()
-    model(**batch)
+    batches = batch_list("bert", 3, seed=12)
+    _train(model, batches)
+    model(**batches[-1])
     layers = sparsegrad_layers(model)
     assert any(layer._weight_cache.updates > 0 for layer in layers.values()), "incremental path never taken"
     for name, layer in layers.items():
