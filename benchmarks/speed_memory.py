@@ -950,7 +950,7 @@ def write_markdown(results: dict, path: str) -> None:
         else:
             ex = gram["extrapolation"]
             precision = gram.get("precision", "fp32")
-            arithmetic = {"fp32": "float32 products, float64 sums and eigh",
+            arithmetic = {"fp32": "float32 products (lower triangle), float64 sums and eigh",
                           "bf16": "bfloat16 products (lower triangle), float32 sums and eigh"}.get(precision, "")
             lines += [f"Gram precision `{precision}` ({arithmetic}). "
                       f"Device {gram['device']} ({gram['torch_threads']} threads); {gram['gram_steps']} gradients "

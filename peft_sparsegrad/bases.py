@@ -12,6 +12,8 @@ factors from the explicit stack and is kept as the reference.
 
 Two precisions (``SparseGradConfig.gram_precision``):
 
+Both precisions form only the lower triangle of each Gram matrix (all that ``eigh`` reads): half the products.
+
 * ``"fp32"`` (default): products in float32 (GEMM speed); sums and the eigendecomposition in float64, because
   eigenvectors of nearly equal eigenvalues are unstable in float32.
 * ``"bf16"``: for large models, where the products and the out × out eigendecomposition dominate (LLaMA-2-7B: out =
@@ -239,9 +241,8 @@ class GramAccumulator:
     def add(self, grad: torch.Tensor) -> None:
         """Add one gradient G (out × in)."""
         g = grad.detach().to(device=self.gram_out.device, dtype=self.product_dtype)
-        add = _add_gram if self.precision == "fp32" else _add_gram_lower
-        add(self.gram_out, g)  # Σ G Gᵀ
-        add(self.gram_in, g.T)  # Σ Gᵀ G
+        _add_gram_lower(self.gram_out, g)  # Σ G Gᵀ
+        _add_gram_lower(self.gram_in, g.T)  # Σ Gᵀ G
         self.count += 1
 
     def all_reduce(self) -> None:
@@ -263,18 +264,11 @@ class GramAccumulator:
 _GRAM_BLOCK = 1024
 
 
-def _add_gram(acc: torch.Tensor, g: torch.Tensor) -> None:
-    """acc += g gᵀ in row blocks, so the float32 product and its float64 copy are block × n, not n × n (a full-size
-    temporary of an 11008² Gram matrix would be 1.4 GiB)."""
-    for start in range(0, g.shape[0], _GRAM_BLOCK):
-        block = g[start:start + _GRAM_BLOCK]
-        acc[start:start + _GRAM_BLOCK] += (block @ g.T).double()
-
-
 def _add_gram_lower(acc: torch.Tensor, g: torch.Tensor) -> None:
-    """Lower triangle of acc += g gᵀ (row block i needs columns ≤ i only; ``eigh`` reads nothing above the diagonal):
-    about half the products of ``_add_gram``. The bfloat16 block product is added to the float32 sum in place,
-    without a float32 copy."""
+    """Lower triangle of acc += g gᵀ, in row blocks (row block i needs columns ≤ i only; ``eigh`` reads nothing above
+    the diagonal): half the products of a full g gᵀ, and temporaries of block × n, not n × n (a full-size temporary of
+    an 11008² Gram matrix would be 0.45 GiB in float32). The block product is added to the (float64 or float32) sum
+    in place, without a converted copy."""
     for start in range(0, g.shape[0], _GRAM_BLOCK):
         stop = min(start + _GRAM_BLOCK, g.shape[0])
         acc[start:stop, :stop] += g[start:stop] @ g[:stop].T
