@@ -479,7 +479,7 @@ def cmd_finetune(args) -> int:
                          calibration_batches(data.train, collator, args.batch_size, args.seed),
                          args.calibration_steps, bases=args.bases, sparse_optimizer=args.sparse_optimizer,
                          gram_precision=args.gram_precision, selection=args.selection,
-                         refresh_interval=args.refresh_interval)
+                         refresh_interval=args.refresh_interval, progress=not args.no_progress)
     print(f"Trainable per step: {setup.trainable_params:,} ({setup.note})", flush=True)
 
     with tempfile.TemporaryDirectory() as workdir:

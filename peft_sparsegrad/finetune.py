@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainerCallback, \
     TrainingArguments
 
+from .calibration import calibrate
 from .callback import SparseGradCallback
 from .config import SparseGradConfig
 from .data import TaskSpec, batches, compute_metrics
@@ -76,6 +77,7 @@ def setup_method(
     gram_precision: str = "fp32",
     selection: str = "dynamic",
     refresh_interval: int = 100,
+    progress: bool = True,
 ) -> MethodSetup:
     """Wrap ``base_model`` for ``method``. ``calibration`` returns a fresh iterable of batches (SparseGrad only);
     ``gram_precision`` is ``SparseGradConfig.gram_precision`` of that calibration."""
@@ -109,9 +111,10 @@ def setup_method(
             if calibration is None:
                 raise ValueError("SparseGrad needs calibration batches or a bases file.")
             config = SparseGradConfig(task_type="SEQ_CLS", keep_ratio=keep_ratio, calibration_steps=calibration_steps,
-                                      calibration_dataloader=calibration(), sparse_optimizer=sparse_optimizer,
-                                      gram_precision=gram_precision, selection=selection,
-                                      refresh_interval=refresh_interval)
+                                      sparse_optimizer=sparse_optimizer, gram_precision=gram_precision,
+                                      selection=selection, refresh_interval=refresh_interval)
+            # what get_peft_model would do with calibration_dataloader, but with the caller's progress setting
+            config.precomputed_bases = calibrate(base_model, config, calibration(), progress=progress)
     model = get_peft_model(base_model, config)
     head = _head_params(model)
     chosen = "per step" if selection == "dynamic" else f"support re-selected every {refresh_interval} steps"
