@@ -98,23 +98,18 @@ def setup_method(
         head = _head_params(model)
         return MethodSetup(model, [], budget["lora_params"] + head,
                            f"LoRA r={budget['lora_rank']} on the MLP ({budget['lora_params']} params) + head")
+    common = dict(task_type="SEQ_CLS", keep_ratio=keep_ratio, sparse_optimizer=sparse_optimizer, selection=selection,
+                  refresh_interval=refresh_interval)
     if method == "meprop":
-        config = SparseGradConfig(task_type="SEQ_CLS", keep_ratio=keep_ratio, bases="identity",
-                                  sparse_optimizer=sparse_optimizer, selection=selection,
-                                  refresh_interval=refresh_interval)
+        config = SparseGradConfig(bases="identity", **common)
+    elif bases is not None:
+        config = SparseGradConfig(bases=bases, **common)
     else:
-        if bases is not None:
-            config = SparseGradConfig(task_type="SEQ_CLS", keep_ratio=keep_ratio, bases=bases,
-                                      sparse_optimizer=sparse_optimizer, selection=selection,
-                                      refresh_interval=refresh_interval)
-        else:
-            if calibration is None:
-                raise ValueError("SparseGrad needs calibration batches or a bases file.")
-            config = SparseGradConfig(task_type="SEQ_CLS", keep_ratio=keep_ratio, calibration_steps=calibration_steps,
-                                      sparse_optimizer=sparse_optimizer, gram_precision=gram_precision,
-                                      selection=selection, refresh_interval=refresh_interval)
-            # what get_peft_model would do with calibration_dataloader, but with the caller's progress setting
-            config.precomputed_bases = calibrate(base_model, config, calibration(), progress=progress)
+        if calibration is None:
+            raise ValueError("SparseGrad needs calibration batches or a bases file.")
+        config = SparseGradConfig(calibration_steps=calibration_steps, gram_precision=gram_precision, **common)
+        # what get_peft_model would do with calibration_dataloader, but with the caller's progress setting
+        config.precomputed_bases = calibrate(base_model, config, calibration(), progress=progress)
     model = get_peft_model(base_model, config)
     head = _head_params(model)
     chosen = "per step" if selection == "dynamic" else f"support re-selected every {refresh_interval} steps"

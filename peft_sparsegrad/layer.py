@@ -51,7 +51,6 @@ class _WeightCache:
     key: tuple  # which adapters, ΔW' storages, W version/storage/device
     versions: tuple[int, ...]  # ΔW' version counters W_eff reflects
     w_eff: torch.Tensor
-    owns_w_eff: bool  # False while W_eff is W itself (all ΔW' zero): never update W in place
     updates: int  # incremental updates since the last full rebuild
 
 
@@ -217,21 +216,22 @@ class SparseGradLayer(BaseTunerLayer):
         if cache is not None and cache.key == key:
             if cache.versions == versions:
                 return cache.w_eff
-            if self._update_incrementally(cache, adapter_names, deltas, versions):
+            if self._update_incrementally(cache, adapter_names, deltas, versions, weight):
                 return cache.w_eff
         w_eff = weight
         for name, delta in zip(adapter_names, deltas):
             if delta.any():
                 change = self.pair(name, weight.device).unrotate(delta.detach().to(weight.device, torch.float32))
                 w_eff = (w_eff.float() + change).to(weight.dtype)
-        self._weight_cache = _WeightCache(key, versions, w_eff, w_eff is not weight, 0)
+        self._weight_cache = _WeightCache(key, versions, w_eff, 0)
         return w_eff
 
     def _update_incrementally(self, cache: "_WeightCache", adapter_names: list[str], deltas: list[torch.Tensor],
-                              versions: tuple[int, ...]) -> bool:
+                              versions: tuple[int, ...], weight: torch.Tensor) -> bool:
         """W_eff += U_out δ U_inᵀ for every ΔW' whose only change since the cache is its last ``ChangeRecord``."""
         w_eff = cache.w_eff
-        if not cache.owns_w_eff or w_eff.dtype != torch.float32 or cache.updates >= FULL_REBUILD_EVERY:
+        # W_eff is W itself while every ΔW' was zero: never update the base weight in place
+        if w_eff is weight or w_eff.dtype != torch.float32 or cache.updates >= FULL_REBUILD_EVERY:
             return False
         records = []  # (adapter, record) of every ΔW' that changed
         for name, delta, old, new in zip(adapter_names, deltas, cache.versions, versions):

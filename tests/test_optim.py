@@ -42,6 +42,18 @@ def _topk_sparse(g: torch.Tensor, k: int) -> torch.Tensor:
     )
 
 
+def _assert_tracks(ref, opt, p_ref, p, grads, ref_grad=torch.Tensor.clone, schedulers=()) -> None:
+    """Step ``ref`` (fed ``ref_grad(g)``) and ``opt`` (fed the dense g) in lockstep; p must follow p_ref each step."""
+    for g in grads:
+        p_ref.grad = ref_grad(g)
+        p.grad = g.clone()
+        ref.step()
+        opt.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        torch.testing.assert_close(p, p_ref, rtol=0, atol=1e-6)
+
+
 def _sparse_opt(p, k, mode, lr=1e-2, wd=0.0, **kw) -> SparseGradOptimizer:
     return SparseGradOptimizer(
         [{"params": [p], "sparsegrad_k": k, "mode": mode, "weight_decay": wd}], lr=lr, **kw
@@ -79,12 +91,7 @@ def test_sparse_adam_matches_torch_sparse_adam(k):
     p = _param()
     ref = torch.optim.SparseAdam([p_ref], lr=1e-2, betas=(0.8, 0.99), eps=1e-8)
     opt = _sparse_opt(p, k, "sparse_adam", lr=1e-2, betas=(0.8, 0.99), eps=1e-8)
-    for g in _grads(6):
-        p_ref.grad = _topk_sparse(g, k)
-        ref.step()
-        p.grad = g.clone()
-        opt.step()
-        torch.testing.assert_close(p, p_ref, rtol=0, atol=1e-6)
+    _assert_tracks(ref, opt, p_ref, p, _grads(6), ref_grad=lambda g: _topk_sparse(g, k))
     st, st_ref = opt.state[p], ref.state[p_ref]
     torch.testing.assert_close(st["exp_avg"], st_ref["exp_avg"], rtol=0, atol=1e-6)
     torch.testing.assert_close(st["exp_avg_sq"], st_ref["exp_avg_sq"], rtol=0, atol=1e-6)
@@ -152,12 +159,7 @@ def test_adamw_mode_full_k_equals_torch_adamw(wd):
     p_ref, p = _param(), _param()
     ref = torch.optim.AdamW([p_ref], lr=1e-2, betas=(0.85, 0.98), eps=1e-8, weight_decay=wd, foreach=False)
     opt = _sparse_opt(p, N, "adamw", lr=1e-2, wd=wd, betas=(0.85, 0.98), eps=1e-8)
-    for g in _grads(6):
-        p_ref.grad = g.clone()
-        p.grad = g.clone()
-        ref.step()
-        opt.step()
-        torch.testing.assert_close(p, p_ref, rtol=0, atol=1e-6)
+    _assert_tracks(ref, opt, p_ref, p, _grads(6))
     assert state_indices(opt.state[p], p).numel() == N
 
 
@@ -169,12 +171,7 @@ def test_sgd_mode_full_k_equals_torch_sgd(wd):
     p_ref, p = _param(), _param()
     ref = torch.optim.SGD([p_ref], lr=0.05, weight_decay=wd)
     opt = _sparse_opt(p, N, "sgd", lr=0.05, wd=wd)
-    for g in _grads(5):
-        p_ref.grad = g.clone()
-        p.grad = g.clone()
-        ref.step()
-        opt.step()
-        torch.testing.assert_close(p, p_ref, rtol=0, atol=1e-6)
+    _assert_tracks(ref, opt, p_ref, p, _grads(5))
     assert opt.last_stats["kept_energy"] == pytest.approx(1.0)
 
 
@@ -385,14 +382,7 @@ def test_lambda_lr_with_sparse_adam():
     lam = lambda step: 1.0 / (1 + step)  # noqa: E731
     s_ref = torch.optim.lr_scheduler.LambdaLR(ref, lam)
     s = torch.optim.lr_scheduler.LambdaLR(opt, lam)
-    for g in _grads(4, seed=5):
-        p_ref.grad = _topk_sparse(g, k)
-        p.grad = g.clone()
-        ref.step()
-        opt.step()
-        s_ref.step()
-        s.step()
-        torch.testing.assert_close(p, p_ref, rtol=0, atol=1e-6)
+    _assert_tracks(ref, opt, p_ref, p, _grads(4, seed=5), ref_grad=lambda g: _topk_sparse(g, k), schedulers=(s_ref, s))
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 5)
     assert math.isfinite(opt.last_stats["overlap"])
 
