@@ -230,8 +230,9 @@ class SparseGradLayer(BaseTunerLayer):
                               versions: tuple[int, ...], weight: torch.Tensor) -> bool:
         """W_eff += U_out δ U_inᵀ for every ΔW' whose only change since the cache is its last ``ChangeRecord``."""
         w_eff = cache.w_eff
-        # W_eff is W itself while every ΔW' was zero: never update the base weight in place
-        if w_eff is weight or w_eff.dtype != torch.float32 or cache.updates >= FULL_REBUILD_EVERY:
+        # W_eff shares W's storage while every ΔW' was zero (a fresh view each call for Conv1D, hence the pointer
+        # test): never update the base weight in place
+        if w_eff.data_ptr() == weight.data_ptr() or w_eff.dtype != torch.float32 or cache.updates >= FULL_REBUILD_EVERY:
             return False
         records = []  # (adapter, record) of every ΔW' that changed
         for name, delta, old, new in zip(adapter_names, deltas, cache.versions, versions):
