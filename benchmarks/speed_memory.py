@@ -72,7 +72,9 @@ from typing import Any, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 ALL_METHODS = ("full", "lora", "meprop", "sparsegrad", "sparsegrad-lean", "sparsegrad-periodic", "galore")
-MODELS = ("minilm", "llama", "llama-gpu", "tiny-bert")
+MODELS = ("minilm", "llama", "llama-gpu", "tiny-bert", "smollm2", "tiny-llama")
+DECODERS = ("smollm2", "tiny-llama")  # causal LMs: up_proj/down_proj of every third block, no head
+PROBED_METHODS = ("meprop", "sparsegrad", "sparsegrad-lean", "sparsegrad-periodic")  # live-bytes split, see --probe
 MIB = 2**20
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -97,6 +99,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calibration-steps", type=int, default=30, help="calibration batches for MiniLM / tiny-bert")
     p.add_argument("--llama-calibration-steps", type=int, default=4, help="calibration batches for the LLaMA models")
     p.add_argument("--llama-layers", type=int, default=8, help="decoder blocks of the CPU 'llama' model")
+    p.add_argument("--probe-keep-ratio", type=float, default=None,
+                   help="decoder models: rerun meprop/sparsegrad* once more at this keep_ratio (default 2 × "
+                        "--keep-ratio; 0 = off), same steps, only to split their live bytes into a per-weight and a "
+                        "per-support-entry part (used by the LLaMA-2-7B training-state table)")
+    p.add_argument("--state-table", default=None, metavar="JSON[,JSON]",
+                   help="no measurement: write the LLaMA-2-7B training-state table (--name) from measured decoder "
+                        "runs (e.g. the fp32 and the bf16 SmolLM2 JSON)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--gram-shapes", default="11008x4096,4096x11008",
@@ -126,7 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bases-file", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.models = args.models or "tiny-bert"
+        args.models = args.models or "tiny-bert,tiny-llama"
         args.warmup, args.steps = 1, 2
         args.calibration_steps = min(args.calibration_steps, 2)
         args.llama_calibration_steps = min(args.llama_calibration_steps, 2)
@@ -137,6 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.batch_size == p.get_default("batch_size") and args.seq_len == p.get_default("seq_len"):
             args.batch_size, args.seq_len = 8, 32
     args.models = args.models or "minilm,llama"
+    if args.probe_keep_ratio is None:
+        args.probe_keep_ratio = min(1.0, 2 * args.keep_ratio)
     if args.threads is None and args.jobs > 1 and not args.worker:
         args.threads = max(1, (os.cpu_count() or 1) // args.jobs)  # no oversubscription between workers
     if args.warmup < 1 or args.steps < 1:
@@ -278,6 +289,16 @@ def build_model(name: str, args):
                           pad_token_id=0, num_labels=2, max_position_embeddings=max(2048, args.seq_len))
         model = LlamaForSequenceClassification(cfg).to(dtype)
         desc = f"LLaMA-like, random init, hidden {hidden}, MLP {inter}, {layers} layers, vocab 32000"
+    elif name == "smollm2":
+        import decoder_models
+
+        model = decoder_models.load_smollm2(dtype)
+        desc = decoder_models.SMOLLM2_DESC
+    elif name == "tiny-llama":
+        import decoder_models
+
+        model = decoder_models.tiny_llama(dtype, seq_len=args.seq_len)
+        desc = "tiny random LLaMA causal LM (hidden 64, MLP 160, 4 blocks, vocab 512)"
     elif name == "tiny-bert":
         cfg = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=256, num_labels=2, max_position_embeddings=max(512, args.seq_len))
@@ -297,13 +318,36 @@ def synthetic_batches(model, n: int, args, seed: int) -> list[dict]:
     for _ in range(n):
         ids = torch.randint(1, vocab, (args.batch_size, args.seq_len), generator=gen)  # 0 is LLaMA's pad id
         labels = torch.randint(0, 2, (args.batch_size,), generator=gen)
+        if type(model).__name__.endswith("ForCausalLM"):  # also PEFT's PeftModelForCausalLM
+            labels = ids.clone()  # causal-LM loss on the synthetic token ids (shifted inside the model)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
         out.append({k: v.to(args.device) for k, v in batch.items()})
     return out
 
 
 def _calibration_steps(model_name: str, args) -> int:
-    return args.llama_calibration_steps if model_name.startswith("llama") else args.calibration_steps
+    return (args.llama_calibration_steps if model_name.startswith("llama") or model_name in DECODERS
+            else args.calibration_steps)
+
+
+def decoder_targets(base, model_name: str) -> tuple[list[int], dict]:
+    """The issue's decoder protocol: up_proj and down_proj of blocks 0, 3, 6, ... ({name: module})."""
+    import decoder_models
+
+    blocks = base.model.layers
+    layers = decoder_models.SMOLLM2_LAYERS if model_name == "smollm2" else list(range(0, len(blocks), 3))
+    return layers, {f"model.layers.{i}.mlp.{t}": getattr(blocks[i].mlp, t)
+                    for i in layers for t in decoder_models.DECODER_TARGETS}
+
+
+def _budget(shapes: list[tuple[int, int]], keep_ratio: float) -> dict:
+    """Σ k of SparseGrad and the LoRA rank with r · Σ(out + in) ≈ Σ k (as peft_sparsegrad.finetune.mlp_budget)."""
+    import math
+
+    sum_k = sum(math.ceil(keep_ratio * o * i) for o, i in shapes)
+    rank = max(1, round(sum_k / sum(o + i for o, i in shapes)))
+    return {"sparsegrad_k": sum_k, "lora_rank": rank, "lora_params": rank * sum(o + i for o, i in shapes),
+            "mlp_params": sum(o * i for o, i in shapes)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -346,6 +390,8 @@ def setup(method: str, model_name: str, base, args) -> tuple[Any, Any, dict]:
     from peft_sparsegrad.finetune import mlp_budget, setup_method
     from peft_sparsegrad.optim import create_sparsegrad_optimizer
 
+    if model_name in DECODERS:
+        return setup_decoder(method, model_name, base, args)
     budget = mlp_budget(base, args.keep_ratio)
     info: dict[str, Any] = {"lora_rank": budget["lora_rank"], "sparsegrad_k": budget["sparsegrad_k"],
                             "mlp_params": budget["mlp_params"]}
@@ -391,32 +437,126 @@ def setup(method: str, model_name: str, base, args) -> tuple[Any, Any, dict]:
     return model, optimizer, info
 
 
-def _calibrate_timed(base, n: int, args) -> dict:
+def setup_decoder(method: str, model_name: str, base, args) -> tuple[Any, Any, dict]:
+    """The decoder protocol, through the library's public API only: every method trains exactly the up_proj and
+    down_proj weights of blocks 0, 3, ... (nothing else is trainable: a causal LM has no head to train)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from peft_sparsegrad import SparseGradConfig, create_sparsegrad_optimizer, save_bases
+
+    import decoder_models
+
+    layers, targets = decoder_targets(base, model_name)
+    shapes = [tuple(m.weight.shape) for m in targets.values()]
+    budget = _budget(shapes, args.keep_ratio)
+    info: dict[str, Any] = {"lora_rank": budget["lora_rank"], "sparsegrad_k": budget["sparsegrad_k"],
+                            "mlp_params": budget["mlp_params"], "adapted_layers": len(targets),
+                            "adapted_blocks": layers, "layer_shapes": sorted(set(shapes)),
+                            "keep_ratio": args.keep_ratio}
+    where = f"up_proj/down_proj of blocks {layers[0]}, {layers[1] if len(layers) > 1 else ''}, … {layers[-1]}"
+    for p in base.parameters():
+        p.requires_grad_(False)
+    weights = [m.weight for m in targets.values()]
+    if method == "full":
+        for w in weights:
+            w.requires_grad_(True)
+        optimizer = torch.optim.AdamW(weights, lr=args.lr)
+        info["note"] = f"full FT of the {len(weights)} adapted weights ({where}), torch.optim.AdamW"
+        return base, optimizer, info
+    if method == "galore":
+        from galore_torch import GaLoreAdamW
+
+        for w in weights:
+            w.requires_grad_(True)
+        rank = budget["lora_rank"]
+        optimizer = GaLoreAdamW([{"params": weights, "rank": rank, "update_proj_gap": 200, "scale": 0.25,
+                                  "proj_type": "std"}], lr=args.lr, no_deprecation_warning=True)
+        info["galore_rank"] = rank
+        info["note"] = (f"GaLoreAdamW rank {rank} (= LoRA rank), update_proj_gap 200, scale 0.25 on the "
+                        f"{len(weights)} adapted weights ({where})")
+        return base, optimizer, info
+    if method == "lora":
+        r = budget["lora_rank"]
+        config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                            target_modules=list(decoder_models.DECODER_TARGETS), layers_to_transform=layers)
+        model = get_peft_model(base, config)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+        info["note"] = f"LoRA r={r} ({budget['lora_params']} params) on {where}; torch.optim.AdamW"
+        return model, optimizer, info
+    mode = {"sparsegrad": "sparse_adam"}.get(method, "adamw")
+    selection = "periodic" if method == "sparsegrad-periodic" else "dynamic"
+    common = dict(task_type="CAUSAL_LM", target_modules=list(decoder_models.DECODER_TARGETS),
+                  layers_to_transform=layers, keep_ratio=args.keep_ratio, selection=selection,
+                  refresh_interval=args.refresh_interval)
+    if mode != "adamw":  # "adamw" is the default: sparsegrad-lean / -periodic / meprop use the default config
+        common["sparse_optimizer"] = mode
+    if method == "meprop":
+        config = SparseGradConfig(bases="identity", **common)
+        bases_note = "identity bases (MeProp)"
+    else:
+        n = _calibration_steps(model_name, args)
+        bases_file = args.bases_file or os.path.join(tempfile.mkdtemp(prefix="sparsegrad_bases_"),
+                                                     "bases.safetensors")
+        if os.path.exists(bases_file):
+            info["bases_from"] = "reused from an earlier worker's calibration (same model, same batches)"
+        else:
+            cal_config = SparseGradConfig(calibration_steps=n, **common)
+            info["calibration"] = _calibrate_timed(base, n, args, cal_config)
+            save_bases(info["calibration"].pop("bases"), bases_file + ".tmp")
+            os.replace(bases_file + ".tmp", bases_file)
+        config = SparseGradConfig(bases=bases_file, **common)
+        bases_note = "bases " + info.get("bases_from", f"calibrated here ({n} synthetic batches)")
+    t0 = time.perf_counter()
+    model = get_peft_model(base, config)
+    info["injection_s"] = time.perf_counter() - t0
+    optimizer = create_sparsegrad_optimizer(model, lr=args.lr)  # mode: the config's sparse_optimizer
+    chosen = "per step" if selection == "dynamic" else f"support re-selected every {args.refresh_interval} steps"
+    info["note"] = (f"top-{args.keep_ratio:.2%} ({budget['sparsegrad_k']} entries, {chosen}) of {where}; "
+                    f"create_sparsegrad_optimizer, sparse_optimizer {mode!r}; {bases_note}")
+    return model, optimizer, info
+
+
+def _calibrate_timed(base, n: int, args, config=None) -> dict:
     """``peft_sparsegrad.calibrate`` (the calibration path of get_peft_model: n forward+backward passes with Gram
     hooks, then the eigendecompositions), timed as a whole and in its Gram-add and bases parts."""
     import torch
 
     from peft_sparsegrad import SparseGradConfig, calibrate
-    from peft_sparsegrad.bases import GramAccumulator
+
+    try:
+        from peft_sparsegrad.bases import GramAccumulator
+    except ImportError:
+        GramAccumulator = None
 
     cuda = args.device == "cuda"
-    config = SparseGradConfig(task_type="SEQ_CLS", keep_ratio=args.keep_ratio, calibration_steps=n)
     loader = synthetic_batches(base, n, args, seed=args.seed + 1000)
-    add_timer, bases_timer = _Timed(GramAccumulator, "add", cuda), _Timed(GramAccumulator, "bases", cuda)
+    if config is None:
+        config = SparseGradConfig(task_type="SEQ_CLS", keep_ratio=args.keep_ratio, calibration_steps=n)
+    else:  # decoders: the explicit calibration_dataloader of the config (what get_peft_model would calibrate on)
+        config.calibration_dataloader = loader
+    # timing split by wrapping GramAccumulator.add / .bases where they exist (library internals: optional)
+    timers = [_Timed(GramAccumulator, name, cuda) for name in ("add", "bases")
+              if GramAccumulator is not None and hasattr(GramAccumulator, name)]
+    add_timer = next((t for t in timers if t.name == "add"), None)
+    bases_timer = next((t for t in timers if t.name == "bases"), None)
     try:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        bases = calibrate(base, config, iter(loader), progress=False)
+        bases = calibrate(base, config, None if config.calibration_dataloader is not None else iter(loader),
+                          progress=False)
         if cuda:
             torch.cuda.synchronize()
         total = time.perf_counter() - t0
     finally:
-        add_timer.restore()
-        bases_timer.restore()
-    return {"batches": n, "setup_s": total, "gram_add_s": add_timer.seconds, "gram_adds": add_timer.calls,
-            "bases_s": bases_timer.seconds,
-            "forward_backward_and_rest_s": total - add_timer.seconds - bases_timer.seconds, "bases": bases}
+        for t in timers:
+            t.restore()
+        config.calibration_dataloader = None
+    add_s = add_timer.seconds if add_timer else 0.0
+    bases_s = bases_timer.seconds if bases_timer else 0.0
+    return {"batches": n, "setup_s": total, "gram_add_s": add_s, "gram_adds": add_timer.calls if add_timer else 0,
+            "bases_s": bases_s, "forward_backward_and_rest_s": total - add_s - bases_s, "bases": bases}
 
 
 def _setup_galore(base, rank: int, args):
@@ -467,16 +607,28 @@ def worker_train(model_name: str, method: str, args) -> dict:
     if method == "galore":
         import galore_torch  # noqa: F401
 
+    from decoder_models import live_tensor_bytes, storage_keys
+
     rss_start = rss_mib()
     t0 = time.perf_counter()
     base, desc = build_model(model_name, args)
     build_s = time.perf_counter() - t0
+    # the training batches exist before the baselines; their storages are excluded from the live-bytes counts
+    batches = synthetic_batches(base, 4, args, seed=args.seed)
+    batch_keys = storage_keys(t for b in batches for t in b.values())
+    if model_name in DECODERS:
+        adapted = decoder_targets(base, model_name)[1].values()
+        adapted_weights = sum(m.weight.numel() for m in adapted)
+    else:
+        from peft_sparsegrad.finetune import mlp_budget
+
+        adapted_weights = mlp_budget(base, args.keep_ratio)["mlp_params"]
     gc.collect()
+    live_base = live_tensor_bytes(exclude=batch_keys)
     baseline = {"rss_mib": rss_mib(), "cuda_allocated_mib": torch.cuda.memory_allocated() / MIB if cuda else None}
     reset_hwm()
     model, optimizer, info = setup(method, model_name, base, args)
     model.train()
-    batches = synthetic_batches(model, 4, args, seed=args.seed)
     gc.collect()
     sync()
     setup_peak = hwm_mib()
@@ -517,6 +669,23 @@ def worker_train(model_name: str, method: str, args) -> dict:
 
     seen: set = set()
     opt_bytes = sum(_tensor_bytes(st, seen) for st in optimizer.state.values())
+    train_peak = hwm_mib() if hwm_reset_ok else None
+    # exact live bytes: one more (untimed) step, counted right after its backward, with the optimizer state of the
+    # earlier steps alive and the autograd graph freed (the loss tensor, which holds the graph's nodes, deleted)
+    batch = batches[(args.warmup + args.steps) % len(batches)]
+    loss = model(**batch).loss
+    loss.backward()
+    del loss
+    sync()
+    live_after = live_tensor_bytes(exclude=batch_keys)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    extra = live_after["bytes"] - live_base["bytes"]
+    live = {"baseline_bytes": live_base["bytes"], "baseline_storages": live_base["storages"],
+            "after_backward_bytes": live_after["bytes"], "after_backward_storages": live_after["storages"],
+            "extra_bytes": extra, "adapted_weights": adapted_weights,
+            "extra_bytes_per_adapted_weight": extra / adapted_weights if adapted_weights else None,
+            "counted_at_step": args.warmup + args.steps + 1}
     result = {
         "model": model_name, "model_desc": desc, "method": method, **info,
         "build_s": build_s, "torch_threads": torch.get_num_threads(),
@@ -534,13 +703,14 @@ def worker_train(model_name: str, method: str, args) -> dict:
             "optimizer_state": opt_bytes,
             "adapter_extra": adapter_extra_bytes(model),
         },
+        "live": live,
         "trainable_numel": sum(p.numel() for p in params if p.requires_grad),
         "memory": {
             "rss_at_start_mib": rss_start,
             "baseline_rss_mib": baseline["rss_mib"],
             "rss_after_setup_mib": after_setup,
             "setup_peak_rss_mib": setup_peak,
-            "train_peak_rss_mib": hwm_mib() if hwm_reset_ok else None,
+            "train_peak_rss_mib": train_peak,
             "ru_maxrss_mib": ru_maxrss_mib(),
             "hwm_reset_supported": hwm_reset_ok,
         },
@@ -686,7 +856,13 @@ def worker_main(args) -> None:
         result = worker_gram(args)
     else:
         model_name, method = args.worker.split(":")
+        probe = None
+        if "@" in method:  # a probe: the same method at another keep_ratio, only for the live-bytes split
+            method, probe = method.split("@")
+            args.keep_ratio = float(probe)
         result = worker_train(model_name, method, args)
+        if probe is not None:
+            result["probe_keep_ratio"] = float(probe)
     with open(args.worker_output, "w") as f:
         json.dump(result, f, indent=1)
 
@@ -695,7 +871,8 @@ def worker_main(args) -> None:
 # parent: orchestration and reports
 
 
-FORWARDED = ("batch_size", "seq_len", "warmup", "steps", "keep_ratio", "refresh_interval", "lr", "calibration_steps",
+FORWARDED = ("batch_size", "seq_len", "warmup", "steps", "keep_ratio", "probe_keep_ratio", "refresh_interval", "lr",
+             "calibration_steps",
              "llama_calibration_steps", "llama_layers", "device", "dtype", "gram_shapes", "gram_steps",
              "gram_eigh_max", "gram_eigh_ref_sizes", "gram_device", "gram_precision", "seed", "threads")
 
@@ -710,13 +887,12 @@ def _worker_cmd(job: str, out: str, args) -> list[str]:
 
 
 _BASES_JOBS = (":sparsegrad", ":sparsegrad-lean", ":sparsegrad-periodic")  # share one calibration per model
-_REUSING_JOBS = _BASES_JOBS[1:]
 
 
 def run_worker(job: str, args, tmp: str) -> dict:
-    out = os.path.join(tmp, job.replace(":", "__") + ".json")
+    out = os.path.join(tmp, job.replace(":", "__").replace("@", "_at_") + ".json")
     cmd = _worker_cmd(job, out, args)
-    if job.endswith(_BASES_JOBS):
+    if job.split("@")[0].endswith(_BASES_JOBS):
         cmd += ["--bases-file", os.path.join(tmp, job.split(":")[0] + ".bases.safetensors")]
     load_before = _loadavg()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -1088,11 +1264,26 @@ def main(argv=None) -> None:
         caveats.append(f"eigendecompositions larger than {args.gram_eigh_max}² were not run but extrapolated (n³)")
     os.makedirs(args.output_dir, exist_ok=True)
     machine = machine_info(args)
-    jobs = [f"{model}:{method}" for model in models for method in methods]
+    jobs, probes, waves = [], [], [[], []]
+    for model in models:
+        model_methods = methods
+        if args.quick and model in DECODERS:  # keep the smoke run short: the decoder path with three methods
+            model_methods = [m for m in methods if m in ("full", "lora", "sparsegrad-lean")]
+        model_jobs = [f"{model}:{method}" for method in model_methods]
+        jobs += model_jobs
+        # the first job that needs bases calibrates them (wave 1); the others reuse its bases file (wave 2)
+        bases_jobs = [j for j in model_jobs if j.endswith(_BASES_JOBS)]
+        waves[0] += [j for j in model_jobs if j not in bases_jobs[1:]]
+        waves[1] += bases_jobs[1:]
+        if model in DECODERS and args.probe_keep_ratio and args.probe_keep_ratio != args.keep_ratio:
+            probes += [f"{j}@{args.probe_keep_ratio:g}" for j in model_jobs if j.split(":")[1] in PROBED_METHODS]
+    waves[1] += probes
     shapes = _gram_shapes(args)
     if shapes:
         jobs.append("gram")
-    results: dict[str, Any] = {"models": {m: {} for m in models}}
+        waves[0].append("gram")
+    jobs += probes
+    results: dict[str, Any] = {"models": {m: {} for m in models}, "probes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         def one(job):
             r = run_worker(job, args, tmp)
@@ -1100,9 +1291,6 @@ def main(argv=None) -> None:
             print(f"[speed_memory] {job}: {status} ({r.get('worker_wall_s', 0):.0f} s)", flush=True)
             return job, r
 
-        # sparsegrad-lean/-periodic reuse the sparsegrad worker's bases: run them in a second wave
-        waves = [[j for j in jobs if not j.endswith(_REUSING_JOBS)],
-                 [j for j in jobs if j.endswith(_REUSING_JOBS)]]
         done = []
         for wave in waves:
             if args.jobs > 1:
@@ -1115,6 +1303,9 @@ def main(argv=None) -> None:
     for job, r in done:
         if job == "gram":
             results["gram"] = r
+        elif "@" in job:
+            model, method = job.split("@")[0].split(":")
+            results["probes"].setdefault(model, {})[method] = r
         else:
             model, method = job.split(":")
             results["models"][model][method] = r
