@@ -453,6 +453,8 @@ def setup_decoder(method: str, model_name: str, base, args) -> tuple[Any, Any, d
     info: dict[str, Any] = {"lora_rank": budget["lora_rank"], "sparsegrad_k": budget["sparsegrad_k"],
                             "mlp_params": budget["mlp_params"], "adapted_layers": len(targets),
                             "adapted_blocks": layers, "layer_shapes": sorted(set(shapes)),
+                            "layer_types": {t: list(getattr(base.model.layers[layers[0]].mlp, t).weight.shape)
+                                            for t in decoder_models.DECODER_TARGETS},
                             "keep_ratio": args.keep_ratio}
     where = f"up_proj/down_proj of blocks {layers[0]}, {layers[1] if len(layers) > 1 else ''}, … {layers[-1]}"
     for p in base.parameters():
@@ -990,7 +992,12 @@ def summarize(results: dict, args) -> dict:
                 "peak_rss_vs_lora": _ratio(mem["ru_maxrss_mib"], lora and lora["memory"]["ru_maxrss_mib"]),
                 "train_over_baseline_vs_lora": _ratio(over, lora and lora.get("train_over_baseline_used_mib")),
                 "counted_vs_lora": _ratio(_counted(r), lora and _counted(lora)),
+                "live_extra_vs_full": _ratio(_live(r), full and _live(full)),
+                "live_extra_vs_lora": _ratio(_live(r), lora and _live(lora)),
             }
+            probe = results.get("probes", {}).get(model_name, {}).get(m)
+            if probe and "error" not in probe and r.get("layer_types"):
+                r["live_split"] = live_split(r, probe)
             cal = r.get("calibration")
             if cal:
                 n = cal["batches"]
@@ -1001,7 +1008,146 @@ def summarize(results: dict, args) -> dict:
     gram = results.get("gram")
     if gram and "error" not in gram:
         gram["extrapolation"] = extrapolate_gram(gram)
+    if any(m in DECODERS for m in results["models"]):
+        results["state_table"] = state_table([results])
     return results
+
+
+def _live(r: dict) -> Optional[float]:
+    return (r.get("live") or {}).get("extra_bytes_per_adapted_weight")
+
+
+def bases_bytes(layer_types: dict, method: str) -> int:
+    """float32 U_out (out²) and U_in (in²) per layer type; none for MeProp (identity bases)."""
+    return 0 if method == "meprop" else sum(4 * (o * o + i * i) for o, i in layer_types.values())
+
+
+def live_split(r: dict, probe: dict) -> dict:
+    """Split SparseGrad's measured extra live bytes into a per-adapted-weight part, a per-support-entry part (Σ k)
+    and the bases: extra = dense · W + per_k · Σk + bases, solved from two runs at two keep_ratios (same steps)."""
+    w = r["live"]["adapted_weights"]
+    k1, k2 = r["sparsegrad_k"], probe["sparsegrad_k"]
+    b1, b2 = r["live"]["extra_bytes"], probe["live"]["extra_bytes"]
+    bases = bases_bytes(r["layer_types"], r["method"])
+    per_k = (b2 - b1) / (k2 - k1)
+    dense = (b1 - bases - per_k * k1) / w
+    return {"dense_bytes_per_weight": dense, "bytes_per_support_entry": per_k, "bases_bytes": bases,
+            "keep_ratios": [r["keep_ratio"], probe["keep_ratio"]], "sum_k": [k1, k2], "extra_bytes": [b1, b2],
+            "adapted_weights": w,
+            "formula": "extra = dense_bytes_per_weight · Σ out·in + bytes_per_support_entry · Σ k + bases"}
+
+
+# LLaMA-2-7B: hidden 4096, MLP 11008, 32 blocks; up_proj (11008 × 4096) and down_proj (4096 × 11008)
+LLAMA7B_TYPES = {"up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+LLAMA7B_CASES = (("every 3rd block (11 of 32)", 11), ("all 32 blocks", 32))
+
+
+def state_table(runs: list[dict], keep_ratio: float = 0.01, lora_rank: int = 32, galore_rank: int = 128) -> dict:
+    """Training-state bytes (over the frozen base model) at LLaMA-2-7B MLP shapes, per dtype of the measured decoder
+    runs. Formulas; the per-weight constants are checked against the measured small model (the same formula at its
+    shapes vs its exact live-bytes count); SparseGrad/MeProp use the measured split (live_split)."""
+    import math
+
+    def shapes(types: dict, blocks: int):
+        return [tuple(sh) for sh in types.values()] * blocks
+
+    def formulas(dtype: str, sh: list, types: dict, lora_r: int, galore_r: int) -> dict:
+        s_p = 2 if dtype == "bf16" else 4
+        w = sum(o * i for o, i in sh)
+        return {
+            "full": ((s_p + 2 * s_p) * w,
+                     f"{s_p} B grad + 2 × {s_p} B AdamW moments = {3 * s_p} B per weight (moments in the weight dtype)"),
+            "lora": (lora_r * sum(o + i for o, i in sh) * 16,
+                     f"r · Σ(out + in) LoRA params × 16 B (float32 A, B: param + grad + 2 moments; PEFT keeps the "
+                     f"adapters float32 on a {dtype} base), r = {lora_r}"),
+            "galore": (sum(o * i * s_p + 2 * galore_r * max(o, i) * s_p + galore_r * min(o, i) * s_p for o, i in sh),
+                       f"per layer: dense grad out·in·{s_p} B + 2 projected moments r·max(out, in)·{s_p} B + projection "
+                       f"r·min(out, in)·{s_p} B, r = {galore_r}"),
+        }
+
+    out: dict[str, Any] = {"keep_ratio": keep_ratio, "lora_rank": lora_rank, "galore_rank": galore_rank,
+                           "shapes": {k: list(v) for k, v in LLAMA7B_TYPES.items()}, "by_dtype": {}}
+    for res in runs:
+        dtype = res["settings"]["dtype"]
+        for model_name, per_method in res["models"].items():
+            if model_name not in DECODERS:
+                continue
+            ok = {m: r for m, r in per_method.items() if "error" not in r and r.get("live")}
+            if not ok:
+                continue
+            any_r = next(iter(ok.values()))
+            types = any_r["layer_types"]
+            small = shapes(types, len(any_r["adapted_blocks"]))
+            small_f = formulas(dtype, small, types, any_r["lora_rank"], any_r["lora_rank"])
+            entry: dict[str, Any] = {"measured_model": model_name, "measured_command": res.get("command"),
+                                     "measured_commit": res.get("machine", {}).get("git_commit"),
+                                     "check": {}, "rows": {}}
+            for case, blocks in LLAMA7B_CASES:
+                sh = shapes(LLAMA7B_TYPES, blocks)
+                w = sum(o * i for o, i in sh)
+                sum_k = sum(math.ceil(keep_ratio * o * i) for o, i in sh)
+                rows = {}
+                for m, (b, how) in formulas(dtype, sh, LLAMA7B_TYPES, lora_rank, galore_rank).items():
+                    rows[m] = {"bytes": b, "bytes_per_weight": b / w, "how": how}
+                for m, r in ok.items():
+                    split = r.get("live_split")
+                    if not split:
+                        continue
+                    b7 = bases_bytes(LLAMA7B_TYPES, m)
+                    b = split["dense_bytes_per_weight"] * w + split["bytes_per_support_entry"] * sum_k + b7
+                    rows[m] = {"bytes": b, "bytes_per_weight": b / w,
+                               "how": (f"measured on {model_name} ({dtype}): {split['dense_bytes_per_weight']:.3f} B "
+                                       f"per weight + {split['bytes_per_support_entry']:.2f} B per support entry "
+                                       f"(Σ k = {sum_k:,} at keep_ratio {keep_ratio})"
+                                       + (f" + bases {b7 / 2**30:.2f} GiB (float32 out² + in² per layer type)"
+                                          if b7 else " (identity bases: none)"))}
+                entry["rows"][case] = {"blocks": blocks, "adapted_weights": w, "sum_k": sum_k, "methods": rows}
+            for m, (b, how) in small_f.items():
+                if m in ok:
+                    measured = ok[m]["live"]["extra_bytes"]
+                    entry["check"][m] = {"formula_bytes": b, "measured_bytes": measured,
+                                         "measured_over_formula": measured / b if b else None,
+                                         "rank": any_r["lora_rank"] if m != "full" else None}
+            out["by_dtype"][dtype] = entry
+    return out
+
+
+def state_table_markdown(table: dict) -> list[str]:
+    if not table.get("by_dtype"):
+        return []
+    gib = 2**30
+    lines = [f"## Training state at LLaMA-2-7B MLP shapes (formula; up_proj {LLAMA7B_TYPES['up_proj']}, down_proj "
+             f"{LLAMA7B_TYPES['down_proj']})", "",
+             "Bytes held for training over the frozen base model (gradients, optimizer state, adapter parameters, "
+             "bases, caches), activations excluded. Full FT, LoRA and GaLore by formula (constants checked against "
+             "the exact live-bytes count of the measured small model below); SparseGrad and MeProp from their "
+             "measured split into a per-weight part, a per-support-entry part (two runs at two keep_ratios) and "
+             f"the bases. keep_ratio {table['keep_ratio']}, LoRA r = {table['lora_rank']}, GaLore r = "
+             f"{table['galore_rank']}.", ""]
+    for dtype, entry in table["by_dtype"].items():
+        cases = list(entry["rows"])
+        lines += [f"### base weights {dtype} (constants from {entry['measured_model']}, commit "
+                  f"`{entry.get('measured_commit') or 'unknown'}`)", "",
+                  "| method | " + " | ".join(f"{c}: GiB (B / adapted weight)" for c in cases) + " | how |",
+                  "|---|" + "---|" * len(cases) + "---|"]
+        methods = list(entry["rows"][cases[0]]["methods"])
+        for m in methods:
+            cells = [f"{entry['rows'][c]['methods'][m]['bytes'] / gib:.2f} "
+                     f"({entry['rows'][c]['methods'][m]['bytes_per_weight']:.2f})" for c in cases]
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {entry['rows'][cases[0]]['methods'][m]['how']} |")
+        lines += ["", "Adapted weights: " + ", ".join(f"{c}: {entry['rows'][c]['adapted_weights']:,} "
+                                                      f"(Σ k = {entry['rows'][c]['sum_k']:,})" for c in cases) + ".",
+                  ""]
+        if entry["check"]:
+            lines += [f"Check of the formulas on {entry['measured_model']} ({dtype}; LoRA and GaLore at its "
+                      "matched rank): measured extra live bytes vs the same formula at its shapes:", "",
+                      "| method | formula (MiB) | measured (MiB) | measured / formula |", "|---|---|---|---|"]
+            for m, c in entry["check"].items():
+                rank = f" (r={c['rank']})" if c.get("rank") else ""
+                lines.append(f"| {m}{rank} | {c['formula_bytes'] / MIB:.2f} | {c['measured_bytes'] / MIB:.2f} | "
+                             f"{_fmt(c['measured_over_formula'], '.3f')} |")
+            lines.append("")
+    return lines
 
 
 def _counted(r: dict) -> int:
@@ -1061,7 +1207,10 @@ def write_markdown(results: dict, path: str) -> None:
               "'trainable params' and 'grads' are the full MLP size even though only k entries change per step); "
               "their 'adapter extras' are the bases U_out, U_in (one pair per layer type; none for MeProp) and the "
               "layer's cached effective weight. GaLore's optimizer state counts whole tensor storages: galore-torch "
-              "keeps its rank-r projection as a view of the full SVD factor, which keeps that factor alive.", ""]
+              "keeps its rank-r projection as a view of the full SVD factor, which keeps that factor alive. "
+              "'extra live B / adapted weight' is an exact count of every tensor storage alive after backward() "
+              "over those of the loaded base model (see the table per model); it includes what the library holds "
+              "(bases, caches), divided by the number of adapted weights (Σ out·in of the MLP layers adapted).", ""]
     if results.get("caveats"):
         lines += ["Caveats:", ""] + [f"* {c}" for c in results["caveats"]] + [""]
     for model_name, per_method in results["models"].items():
@@ -1072,11 +1221,12 @@ def write_markdown(results: dict, path: str) -> None:
         lines += ["| method | step time median (min) (s) | × full | × LoRA | CPU time/step (s), × full, × LoRA | "
                   "fwd / bwd / opt (s) | peak RSS (MiB) | peak RSS × LoRA | "
                   f"setup peak RSS over baseline (MiB) | {mem_col} | over-baseline × LoRA | trainable params (MiB) | "
-                  "grads (MiB) | optimizer state (MiB) | adapter extras (MiB) | counted total × LoRA |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "grads (MiB) | optimizer state (MiB) | adapter extras (MiB) | counted total × LoRA | "
+                  "extra live B / adapted weight (× full, × LoRA) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for method, r in per_method.items():
             if "error" in r:
-                lines.append(f"| {method} | error: {r['error']} |" + " |" * 14)
+                lines.append(f"| {method} | error: {r['error']} |" + " |" * 15)
                 continue
             ra, mem, b, ph = r["ratios"], r["memory"], r["bytes"], r["phase_median_s"]
             lines.append(
@@ -1089,13 +1239,41 @@ def write_markdown(results: dict, path: str) -> None:
                 f"{_fmt(mem['setup_over_baseline_mib'], '.0f')} | {_fmt(r['train_over_baseline_used_mib'], '.0f')} | "
                 f"{_fmt(ra['train_over_baseline_vs_lora'], '.2f')} | {b['params_trainable'] / MIB:.1f} | "
                 f"{(b['grads'] or 0) / MIB:.1f} | {b['optimizer_state'] / MIB:.1f} | {b['adapter_extra'] / MIB:.1f} | "
-                f"{_fmt(ra['counted_vs_lora'], '.2f')} |")
+                f"{_fmt(ra['counted_vs_lora'], '.2f')} | {_fmt(_live(r), '.3f')} "
+                f"({_fmt(ra.get('live_extra_vs_full'), '.2f')}, {_fmt(ra.get('live_extra_vs_lora'), '.2f')}) |")
         lines.append("")
         notes = [f"* {m}: {r['note']}; trainable {r['trainable_numel']:,} params; loss {r['loss_first']:.3f} → "
                  f"{r['loss_last']:.3f}; {r.get('torch_threads')} threads; 1-min load average before/after the "
                  f"worker {' / '.join(_fmt(v, '.1f') for v in r.get('loadavg_1min_before_after', [None, None]))}"
                  for m, r in per_method.items() if "error" not in r]
         lines += notes + [""]
+        live_rows = [(m, r) for m, r in per_method.items() if "error" not in r and r.get("live")]
+        if live_rows:
+            w = live_rows[0][1]["live"]["adapted_weights"]
+            lines += [f"Extra live bytes (exact): every tensor storage alive right after backward() of step "
+                      f"{live_rows[0][1]['live']['counted_at_step']} (untimed, after the timed steps; optimizer "
+                      "state of the earlier steps alive, autograd graph freed) minus those alive right after the "
+                      f"base model was loaded; divided by the {w:,} adapted weights (Σ out·in).", "",
+                      "| method | baseline (MiB) | after backward (MiB) | extra (MiB) | extra B / adapted weight |",
+                      "|---|---|---|---|---|"]
+            for m, r in live_rows:
+                lv = r["live"]
+                lines.append(f"| {m} | {lv['baseline_bytes'] / MIB:.2f} | {lv['after_backward_bytes'] / MIB:.2f} | "
+                             f"{lv['extra_bytes'] / MIB:.2f} | {_fmt(lv['extra_bytes_per_adapted_weight'], '.3f')} |")
+            lines.append("")
+        splits = [(m, r["live_split"]) for m, r in per_method.items() if r.get("live_split")]
+        if splits:
+            lines += ["Split of the extra live bytes, from a second run of the same method at another keep_ratio "
+                      "(same steps): extra = dense · Σ out·in + per_k · Σ k + bases (float32 out² + in² per layer "
+                      "type):", "",
+                      "| method | keep_ratios | extra bytes | dense B / weight | B / support entry | bases (MiB) |",
+                      "|---|---|---|---|---|---|"]
+            for m, sp in splits:
+                lines.append(f"| {m} | {' / '.join(f'{v:g}' for v in sp['keep_ratios'])} | "
+                             f"{' / '.join(f'{v:,}' for v in sp['extra_bytes'])} | "
+                             f"{sp['dense_bytes_per_weight']:.3f} | {sp['bytes_per_support_entry']:.2f} | "
+                             f"{sp['bases_bytes'] / MIB:.2f} |")
+            lines.append("")
         cal_lines = []
         for method, r in per_method.items():
             cal = r.get("calibration")
@@ -1115,6 +1293,7 @@ def write_markdown(results: dict, path: str) -> None:
         errors = [f"* {m}: {r['error']}\n\n```\n{r.get('stderr_tail', '')}\n```" for m, r in per_method.items()
                   if "error" in r]
         lines += errors
+    lines += state_table_markdown(results.get("state_table") or {})
     gram = results.get("gram")
     if gram:
         shapes_txt = ", ".join(str(tuple(s["shape"])) for s in gram.get("shapes", [])) or "the given shapes"
@@ -1224,10 +1403,42 @@ def write_plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def write_state_table(args, argv=None) -> None:
+    """--state-table: the LLaMA-2-7B training-state table from measured decoder runs (no measurement)."""
+    runs, sources = [], []
+    for path in args.state_table.split(","):
+        with open(path) as f:
+            runs.append(json.load(f))
+        sources.append(os.path.relpath(os.path.abspath(path), REPO))
+    table = state_table(runs, keep_ratio=args.keep_ratio)
+    if not table["by_dtype"]:
+        raise SystemExit("no decoder-model results with live-bytes counts in " + args.state_table)
+    missing = {d: [m for m in ("sparsegrad-lean", "sparsegrad-periodic")
+                   if m not in e["rows"][next(iter(e["rows"]))]["methods"]] for d, e in table["by_dtype"].items()}
+    table["sources"] = sources
+    table["command"] = " ".join(["python", "benchmarks/speed_memory.py",
+                                 *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    lines = ["# Training state at LLaMA-2-7B MLP shapes", "", "Generated by `benchmarks/speed_memory.py` from "
+             + ", ".join(f"`{s}`" for s in sources) + ". Command:", "", f"    {table['command']}", ""]
+    lines += [f"* {d}: no live-bytes split for {', '.join(v)} (not run, failed, or run without a probe)"
+              for d, v in missing.items() if v]
+    lines += [""] + state_table_markdown(table)
+    os.makedirs(args.output_dir, exist_ok=True)
+    base = os.path.join(args.output_dir, args.name)
+    with open(base + ".json", "w") as f:
+        json.dump(table, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines))
+    print(f"[speed_memory] wrote {base}.json/.md")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         worker_main(args)
+        return
+    if args.state_table:
+        write_state_table(args, argv)
         return
     if args.render:
         with open(args.render) as f:
