@@ -16,6 +16,38 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "speed_memory.py")
 CORE_METHODS = ("full", "lora", "meprop", "sparsegrad", "sparsegrad-lean")
+DECODER_METHODS = ("full", "lora", "sparsegrad-lean")  # what --quick runs on the tiny LLaMA causal LM
+
+
+def _live_bytes():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        from decoder_models import live_tensor_bytes
+    finally:
+        sys.path.pop(0)
+    return live_tensor_bytes
+
+
+@pytest.mark.parametrize("dtype_name, expected", [("float32", 12.0), ("bfloat16", 6.0)])
+def test_live_bytes_full_ft_adamw(dtype_name, expected):
+    """The generic live-tensor count on a toy: full FT of one layer with AdamW after backward holds the gradient and
+    two moments in the weight dtype (12 B per weight in fp32, 6 in bf16), and nothing else of size."""
+    import torch
+
+    live_tensor_bytes = _live_bytes()
+    dtype = getattr(torch, dtype_name)
+    layer = torch.nn.Linear(256, 128, bias=False).to(dtype)
+    x = torch.randn(4, 256, dtype=dtype)
+    before = live_tensor_bytes()["bytes"]
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    for _ in range(2):
+        layer(x).float().pow(2).mean().backward()
+        if _ == 0:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    extra = live_tensor_bytes()["bytes"] - before
+    per_weight = extra / layer.weight.numel()
+    assert abs(per_weight - expected) < 0.01, per_weight  # + AdamW's scalar step counter
 
 
 @pytest.mark.slow
@@ -26,7 +58,7 @@ def test_speed_memory_quick(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     data = json.loads((tmp_path / "speed_memory.json").read_text())
-    assert set(data["models"]) == {"tiny-bert"}
+    assert set(data["models"]) == {"tiny-bert", "tiny-llama"}
     per_method = data["models"]["tiny-bert"]
     expected = set(CORE_METHODS)
     if importlib.util.find_spec("galore_torch") is not None:
@@ -44,6 +76,7 @@ def test_speed_memory_quick(tmp_path):
         assert b["params_trainable"] <= b["params_total"]
         assert r["memory"]["ru_maxrss_mib"] > 0
         assert r["ratios"]["step_time_vs_full"] > 0 and r["ratios"]["step_time_vs_lora"] > 0
+        assert r["live"]["extra_bytes"] > 0 and r["live"]["extra_bytes_per_adapted_weight"] > 0, r["live"]
 
     # full fine-tuning trains (and keeps Adam state for) every parameter; LoRA's state is far smaller
     full, lora = per_method["full"]["bytes"], per_method["lora"]["bytes"]
@@ -55,6 +88,30 @@ def test_speed_memory_quick(tmp_path):
     assert per_method["sparsegrad"]["calibration"]["setup_s"] > 0
     assert per_method["sparsegrad"]["calibration"]["gram_adds"] > 0
 
+    # the decoder path (a tiny random LLaMA stands in for SmolLM2): up/down_proj of every third block, no head
+    decoder = data["models"]["tiny-llama"]
+    assert set(DECODER_METHODS) <= set(decoder), sorted(decoder)
+    for method in DECODER_METHODS:
+        r = decoder[method]
+        assert "error" not in r, (method, r.get("error"), r.get("stderr_tail"))
+        assert r["step_time_s"] > 0 and r["adapted_layers"] == 4  # blocks 0 and 3, up_proj + down_proj
+        live = r["live"]
+        assert live["extra_bytes"] > 0 and live["extra_bytes_per_adapted_weight"] > 0, live
+        assert live["adapted_weights"] == r["mlp_params"]
+    # fp32 full FT with AdamW: gradient + two moments = 12 B per adapted weight (+ AdamW's step counters)
+    assert abs(decoder["full"]["live"]["extra_bytes_per_adapted_weight"] - 12.0) < 0.01
+    assert decoder["full"]["trainable_numel"] == decoder["full"]["mlp_params"]  # only the adapted weights train
+    assert decoder["lora"]["live"]["extra_bytes"] < decoder["full"]["live"]["extra_bytes"]
+    split = decoder["sparsegrad-lean"]["live_split"]  # from the probe run at twice the keep_ratio
+    assert split["bases_bytes"] > 0 and split["keep_ratios"] == [0.01, 0.02]
+    assert "sparsegrad-lean" in data["probes"]["tiny-llama"]
+    table = data["state_table"]["by_dtype"]["fp32"]
+    for case in table["rows"].values():
+        assert {"full", "lora", "galore", "sparsegrad-lean"} <= set(case["methods"])
+        assert case["methods"]["full"]["bytes_per_weight"] == 12.0
+        assert all(m["bytes"] > 0 for m in case["methods"].values())
+    assert abs(table["check"]["full"]["measured_over_formula"] - 1.0) < 1e-3
+
     gram = data["gram"]
     assert "error" not in gram, gram
     assert [tuple(s["shape"]) for s in gram["shapes"]] == [(256, 128), (128, 256)]
@@ -65,6 +122,7 @@ def test_speed_memory_quick(tmp_path):
     assert gram["extrapolation"]["total_s"] > 0
 
     md = (tmp_path / "speed_memory.md").read_text()
-    assert "speed_memory.py --quick" in md and "## tiny-bert" in md
+    assert "speed_memory.py --quick" in md and "## tiny-bert" in md and "## tiny-llama" in md
+    assert "extra live B / adapted weight" in md and "LLaMA-2-7B MLP shapes (formula" in md
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "speed_memory.png").stat().st_size > 0
