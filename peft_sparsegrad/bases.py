@@ -78,79 +78,63 @@ class BasisPair:
             return grad
         return self.U_out.T @ grad @ self.U_in
 
-    def rotate_from_activations(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """U_outᵀ (grad_outᵀ x) U_in computed as (grad_out U_out)ᵀ (x U_in), for tokens × out and tokens × in inputs.
-
-        Costs tokens · (out² + in² + out · in) instead of tokens · out · in + out · in · (out + in): cheaper for
-        short batches (``rotation_cost`` decides).
-        """
-        return (grad_out.float() @ self.U_out).T @ (x.float() @ self.U_in)
-
-    def prefers_activations(self, tokens: int) -> bool:
-        """Whether rotating the activations is cheaper than rotating the dense weight gradient."""
-        if self.is_identity:
-            return False
-        n_out, n_in = self.U_out.shape[0], self.U_in.shape[0]
-        return tokens * (n_out**2 + n_in**2) < n_out * n_in * (n_out + n_in)
-
-    def rotate_at(self, grad: torch.Tensor, support: Support) -> torch.Tensor:
+    def rotate_at(self, grad: torch.Tensor, support: "Support") -> torch.Tensor:
         """(U_outᵀ · grad · U_in)[S] for the k entries S of ``support`` (float32, in the order of ``support.flat``).
 
-        Only the cheaper side is rotated densely and the other is sampled at S (``torch.sparse.sampled_addmm``):
-        cost out · in · min(out, in) + k · max(out, in) instead of out · in · (out + in) for the full rotation.
+        Only the rows R and columns C that S occupies matter: the cheaper side is rotated densely against U[:, C] (or
+        U[:, R]) and the other is sampled at S (``torch.sparse.sampled_addmm``): cost out · in · min(|R|, |C|) + k · max(out,
+        in) instead of out · in · (out + in) for the full rotation; rotated gradients concentrate on leading basis
+        vectors, so |R|, |C| are often far below out, in.
         """
         grad = grad.float()
         if self.is_identity:
             return grad.reshape(-1).index_select(0, support.flat)
-        n_out, n_in = grad.shape
-        if n_in <= n_out:  # (U_outᵀ · A)[S] with A = G U_in (out × in)
-            mat1, mat2 = self.U_out.T, grad @ self.U_in
-        else:  # (B · U_in)[S] with B = U_outᵀ G (out × in)
-            mat1, mat2 = self.U_out.T @ grad, self.U_in
-        return torch.sparse.sampled_addmm(support.csr(), mat1, mat2, beta=0.0).values()
+        rows, cols, pattern = support.block()
+        if cols.numel() <= rows.numel():  # (U_out[:, R]ᵀ · (G U_in[:, C]))[S]
+            mat1, mat2 = self.U_out[:, rows].T, grad @ self.U_in[:, cols]
+        else:  # ((U_out[:, R]ᵀ G) · U_in[:, C])[S]
+            mat1, mat2 = self.U_out[:, rows].T @ grad, self.U_in[:, cols]
+        return torch.sparse.sampled_addmm(pattern, mat1, mat2, beta=0.0).values()
 
     def unrotate_sparse(self, flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        """U_out · δ · U_inᵀ (dense out × in, float32) for a δ with ``values`` at the sorted flat indices ``flat``.
+        """U_out · δ · U_inᵀ (dense out × in, float32) for a δ with ``values`` at the flat indices ``flat``.
 
-        The sparse side is a sparse × dense product (cost |δ| · max(out, in)), the dense side touches only the
-        columns (or rows) δ occupies: cost out · in · min(out, in) at most, against out · in · (out + in) for a
-        dense δ. This is what keeps the forward weight W + ΔW current after a step that changed k entries.
+        Only the block δ[R, C] of the rows R and columns C that δ occupies is formed: cost out · |R| · |C| plus
+        out · in · min(|R|, |C|) (the paper's sparse-by-dense product), against out · in · (out + in) for a dense δ.
+        This is what keeps W = W₀ + U_out ΔW' U_inᵀ current after a step that changed k entries.
         """
         n_out, n_in = shape
         values = values.float()
+        flat = flat.long()
         if self.is_identity:
             dense = torch.zeros(n_out * n_in, dtype=torch.float32, device=values.device)
-            return dense.index_copy_(0, flat, values).view(n_out, n_in)
-        rows, cols = flat.div(n_in, rounding_mode="floor"), flat.remainder(n_in)
-        if n_in <= n_out:
-            # N = δᵀ U_outᵀ = (U_out δ)ᵀ (in × out): non-zero rows only at the columns C of δ; ΔW = N[C]ᵀ U_in[:, C]ᵀ
-            delta_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), values, (n_in, n_out),
-                                              check_invariants=False)
-            used = torch.unique(cols)
-            n_mat = torch.sparse.mm(delta_t, self.U_out.T)
-            return n_mat[used].T @ self.U_in[:, used].T
-        # M = δ U_inᵀ (out × in): non-zero rows only at the rows R of δ; ΔW = U_out[:, R] M[R]
-        delta = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n_out, n_in), check_invariants=False)
-        used = torch.unique(rows)
-        m_mat = torch.sparse.mm(delta, self.U_in.T)
-        return self.U_out[:, used] @ m_mat[used]
+            return dense.index_put_((flat,), values, accumulate=True).view(n_out, n_in)
+        rows, row_pos = torch.unique(flat.div(n_in, rounding_mode="floor"), return_inverse=True)
+        cols, col_pos = torch.unique(flat.remainder(n_in), return_inverse=True)
+        block = torch.zeros(rows.numel(), cols.numel(), dtype=torch.float32, device=values.device)
+        block.index_put_((row_pos, col_pos), values, accumulate=True)
+        return self._unrotate_block(rows, cols, block)
 
     def unrotate(self, delta: torch.Tensor) -> torch.Tensor:
-        """U_out · ΔW' · U_inᵀ: the change of W from the change of W'.
+        """U_out · ΔW' · U_inᵀ for a dense ΔW' (out × in): the change of W from the change of W'.
 
-        ΔW' is sparse, and in the rotated basis its support concentrates on few rows R and columns C, so only
-        U_out[:, R] · ΔW'[R, C] · U_in[:, C]ᵀ is formed (the paper's sparse-by-dense product); cost
-        out · |R| · |C| + out · |C| · in instead of out · in · (out + in).
+        Only the rows R and columns C where ΔW' is non-zero are used (see ``unrotate_sparse``).
         """
         if self.is_identity:
-            return delta
+            return delta.float()
+        delta = delta.float()
         rows = delta.any(dim=1).nonzero().squeeze(1)
         cols = delta.any(dim=0).nonzero().squeeze(1)
-        n_out, n_in = delta.shape
-        if rows.numel() == n_out and cols.numel() == n_in:
+        if rows.numel() == delta.shape[0] and cols.numel() == delta.shape[1]:
             return self.U_out @ delta @ self.U_in.T
-        u_out, u_in, block = self.U_out[:, rows], self.U_in[:, cols], delta[rows][:, cols]
-        if n_out * cols.numel() * (rows.numel() + n_in) <= n_in * rows.numel() * (cols.numel() + n_out):
+        return self._unrotate_block(rows, cols, delta[rows][:, cols])
+
+    def _unrotate_block(self, rows: torch.Tensor, cols: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """U_out[:, R] · block · U_in[:, C]ᵀ, in the cheaper order."""
+        n_out, n_in = self.U_out.shape[0], self.U_in.shape[0]
+        u_out, u_in = self.U_out[:, rows], self.U_in[:, cols]
+        n_r, n_c = rows.numel(), cols.numel()
+        if n_out * n_c * (n_r + n_in) <= n_in * n_r * (n_c + n_out):
             return (u_out @ block) @ u_in.T
         return u_out @ (block @ u_in.T)
 
@@ -163,31 +147,33 @@ def _column_major(u: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 @dataclass
 class Support:
-    """A fixed set of k entries of an out × in matrix: sorted flat indices plus their CSR pattern.
+    """A fixed set of k entries of an out × in matrix: sorted flat indices, plus the block pattern rotations need.
 
-    ``selection="periodic"`` keeps ΔW' training on one Support between refreshes; the optimizer hands it to the layer
-    (attribute ``sparsegrad_support`` of ΔW') so that backward computes the rotated gradient only there.
-    ``selected_at`` is the optimizer step that chose it, which identifies it across steps.
+    ``selection="periodic"`` keeps ΔW' training on one Support between refreshes; the optimizer computes the rotated
+    gradient only there (``BasisPair.rotate_at``). ``selected_at`` is the optimizer step that chose it.
     """
 
     flat: torch.Tensor  # (k,) int64, sorted ascending, unique
     shape: tuple[int, int]  # (out, in)
     selected_at: int
-    _csr: Optional[torch.Tensor] = field(default=None, repr=False)
+    _block: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
 
-    def csr(self) -> torch.Tensor:
-        """The pattern as a float32 CSR matrix with zero values (the mask of ``torch.sparse.sampled_addmm``)."""
-        if self._csr is None or self._csr.device != self.flat.device:
-            n_out, n_in = self.shape
-            rows = self.flat.div(n_in, rounding_mode="floor")
-            crow = torch.zeros(n_out + 1, dtype=torch.long, device=self.flat.device)
-            crow[1:] = torch.bincount(rows, minlength=n_out).cumsum(0)
+    def block(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(R, C, pattern): the rows and columns S occupies (sorted) and S as a float32 CSR pattern of the |R| × |C|
+        block (zero values; the mask of ``torch.sparse.sampled_addmm``). Row-major CSR order = the order of ``flat``."""
+        if self._block is None or self._block[2].device != self.flat.device:
+            n_in = self.shape[1]
+            rows, row_pos = torch.unique(self.flat.div(n_in, rounding_mode="floor"), return_inverse=True)
+            cols, col_pos = torch.unique(self.flat.remainder(n_in), return_inverse=True)
+            crow = torch.zeros(rows.numel() + 1, dtype=torch.long, device=self.flat.device)
+            crow[1:] = torch.bincount(row_pos, minlength=rows.numel()).cumsum(0)
             values = torch.zeros(self.flat.numel(), dtype=torch.float32, device=self.flat.device)
             with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm on CSR is what we need
                 warnings.simplefilter("ignore", UserWarning)
-                self._csr = torch.sparse_csr_tensor(crow, self.flat.remainder(n_in), values, size=self.shape,
-                                                    check_invariants=False)
-        return self._csr
+                pattern = torch.sparse_csr_tensor(crow, col_pos, values, size=(rows.numel(), cols.numel()),
+                                                  check_invariants=False)
+            self._block = (rows, cols, pattern)
+        return self._block
 
 
 @dataclass

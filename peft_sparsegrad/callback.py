@@ -1,20 +1,24 @@
 """SparseGradCallback: SparseGrad training with the plain Hugging Face ``Trainer``.
 
-The Trainer builds its own optimizer (AdamW) over all trainable parameters, ΔW' included. The callback routes:
+The Trainer builds its own optimizer (AdamW) over all trainable parameters, the adapted weights W included. The
+callback routes:
 
+* ``on_train_begin``: if the adapter was created with ``calibration_steps`` but without calibration data or bases,
+  the bases are computed now from the first ``calibration_steps`` batches of the Trainer's own training dataloader
+  (its collator, label masking and DDP sharding; Gram sums all-reduced, so every rank gets the same bases).
 * ``on_pre_optimizer_step`` fires after gradient accumulation, after the DDP all-reduce and after ``max_grad_norm``
-  clipping. There every ΔW' gets the top-k update (``peft_sparsegrad.optim.sparse_step``) with the learning rate of its
-  group in the Trainer's optimizer (so the Trainer's schedule and warmup apply), then its ``.grad`` is set to None so
-  the Trainer's AdamW skips it: no dense moments and no dense weight decay on rotated weights. Every other trainable
-  parameter (classifier head, ``modules_to_save``) stays on the Trainer's optimizer.
-* Clipping therefore sees the *unmasked* rotated gradient. Its norm equals the norm of the ordinary weight gradient
-  (the bases are orthogonal), so the one global norm the Trainer computes is the same as for full fine-tuning.
+  clipping. There every adapted weight gets the top-k update (``peft_sparsegrad.optim``) from its ``W.grad``, with the
+  learning rate of its group in the Trainer's optimizer (so the Trainer's schedule and warmup apply), then its
+  ``.grad`` is set to None so the Trainer's AdamW skips it: no dense moments and no dense weight decay on the adapted
+  weights. Every other trainable parameter (classifier head, ``modules_to_save``) stays on the Trainer's optimizer.
+* Clipping therefore sees the ordinary weight gradient, whose norm equals the rotated gradient's (the bases are
+  orthogonal): the one global norm the Trainer computes is the same as for full fine-tuning.
 * The sparse optimizer state is kept in the Trainer optimizer's own ``state`` dict (entries its AdamW never touches,
-  because those parameters never have a gradient when it steps), so it is written to ``optimizer.pt`` with every
+  because those weights never have a gradient when it steps), so it is written to ``optimizer.pt`` with every
   checkpoint and restored by ``resume_from_checkpoint`` with no extra machinery.
 
 If the Trainer was given a ``SparseGradOptimizer`` (``optimizers=(create_sparsegrad_optimizer(...), None)`` or
-``optimizer_cls_and_kwargs``), the optimizer already does all of this and the callback only logs its statistics.
+``optimizer_cls_and_kwargs``), the optimizer already does all of this and the callback only calibrates and logs.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from typing import Any, Optional
 import torch
 from transformers import TrainerCallback
 
-from .optim import SPARSE_MODES, SparseGradOptimizer, _sparse_step_impl, attach_support, sparsegrad_parameters
+from .layer import OWNER_ATTR, ROUTED_ATTR
+from .optim import SPARSE_MODES, SparseGradOptimizer, _sparse_step_impl, sparsegrad_parameters
 
 
 def _unwrap(optimizer: Any) -> Any:
@@ -57,16 +62,17 @@ class SparseGradCallback(TrainerCallback):
         self._routes: list[tuple[torch.nn.Parameter, int, dict]] = []
         self._delegated: Optional[SparseGradOptimizer] = None
         self._stats: list[torch.Tensor] = []
-        self._supports_attached = False
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        calibrate_pending = getattr(getattr(model, "base_model", None), "calibrate_pending", None)
+        if calibrate_pending is not None:
+            calibrate_pending(train_dataloader, progress=not args.disable_tqdm)
         sparse = sparsegrad_parameters(model)
         if not sparse:
             raise ValueError("SparseGradCallback: the model has no trainable SparseGrad parameters. Build it with "
                              "peft.get_peft_model(model, SparseGradConfig(...)).")
         inner = _unwrap(optimizer)
         self._routes, self._delegated, self._stats = [], None, []
-        self._supports_attached = False
         if isinstance(inner, SparseGradOptimizer):
             self._delegated = inner  # it applies the sparse update itself
             return
@@ -77,32 +83,17 @@ class SparseGradCallback(TrainerCallback):
         for param, k in sparse:
             group = group_of.get(id(param))
             if group is None:
-                raise ValueError("A SparseGrad parameter is not in the Trainer's optimizer, so its learning rate "
+                raise ValueError("A SparseGrad-adapted weight is not in the Trainer's optimizer, so its learning rate "
                                  "schedule is unknown. Let the Trainer build the optimizer from model.parameters().")
-            param.sparsegrad_routed = True
+            setattr(param, ROUTED_ATTR, True)
             self._routes.append((param, k, group))
-            attach_support(param, inner.state.get(param, {}), self._refresh(param))  # drop stale hints
-
-    @staticmethod
-    def _refresh(param: torch.nn.Parameter) -> int:
-        return int(getattr(param, "sparsegrad_refresh_interval", 0))
-
-    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        # Tell the layers the restored fixed supports (selection="periodic") before the first backward, also where
-        # resume_from_checkpoint loads the optimizer state after on_train_begin (transformers 5.24 loads it before).
-        if self._supports_attached or self._delegated is not None or optimizer is None:
-            return
-        inner = _unwrap(optimizer)
-        for param, _, _ in self._routes:
-            attach_support(param, inner.state.get(param, {}), self._refresh(param))
-        self._supports_attached = True
 
     def on_train_end(self, args, state, control, **kwargs):
         # The routing mark holds only while this callback drives a Trainer: training the same model later with a
-        # Trainer that lacks the callback must fail loudly again, not update ΔW' densely with that Trainer's AdamW.
+        # Trainer that lacks the callback must fail loudly again, not update W densely with that Trainer's AdamW.
         for param, _, _ in self._routes:
-            if hasattr(param, "sparsegrad_routed"):
-                del param.sparsegrad_routed
+            if hasattr(param, ROUTED_ATTR):
+                delattr(param, ROUTED_ATTR)
         self._routes = []
 
     @torch.no_grad()
@@ -113,10 +104,12 @@ class SparseGradCallback(TrainerCallback):
         for param, k, group in self._routes:
             if param.grad is None:
                 continue
+            layer = getattr(param, OWNER_ATTR)
+            adapter = layer.trainable_adapter()
             kept_energy, overlap, _ = _sparse_step_impl(
-                param, param.grad, inner.state[param], k=k, lr=float(group["lr"]), mode=self.mode,
+                layer, adapter, param.grad, inner.state[param], k=k, lr=float(group["lr"]), mode=self.mode,
                 betas=tuple(group.get("betas", (0.9, 0.999))), eps=group.get("eps", 1e-8),
-                weight_decay=self.weight_decay, refresh_interval=self._refresh(param),
+                weight_decay=self.weight_decay, refresh_interval=layer.sparsegrad_refresh_interval.get(adapter, 0),
             )
             param.grad = None  # the Trainer's optimizer skips parameters without a gradient
             if self.log_statistics:

@@ -1,4 +1,4 @@
-"""SparseGradLinear: a Linear/Conv1D layer trained in the rotated basis W' = U_outᵀ W U_in.
+"""SparseGradLinear: a Linear/Conv1D layer trained in the rotated basis W' = U_outᵀ W U_in, in place.
 
 Conventions (README notation): W is out × in (for transformers' Conv1D the stored weight is in × out and is viewed as
 Wᵀ here); x is (..., in); y = x Wᵀ + b. The paper writes weights as in × out (y = x W), so its Table 2 maps as
@@ -6,24 +6,29 @@ Wᵀ here); x is (..., in); y = x Wᵀ + b. The paper writes weights as in × ou
 rotated weight U_inᵀ W_paper U_out is our (U_outᵀ W U_in)ᵀ. The authors' scripts use the transpose of U_in on the input
 side and rotate the bias gradient: both are bugs and not reproduced here.
 
-The trainable tensor is ΔW' (out × in, float32), the change of W' since injection. Forward needs one matmul:
-y = x (W + ΔW)ᵀ + b with ΔW = U_out ΔW' U_inᵀ (cached until ΔW' changes), so outputs and input gradients are exactly
-those of the original layer with weight W + ΔW. Backward writes the dense rotated gradient U_outᵀ (∂L/∂W) U_in into
-ΔW'.grad; the top-k selection happens once per optimizer step (peft_sparsegrad.optim), after gradient accumulation and
-after the data-parallel all-reduce, so every rank selects the same entries. The bias stays in the original basis and
-gets the ordinary bias gradient.
+Training happens *in place*: the base weight W holds W₀ + U_out ΔW' U_inᵀ at all times while the adapter is active, so
+forward and backward are exactly the plain layer's (no custom autograd function, no copy of W), ``W.grad`` is the
+ordinary weight gradient ∂L/∂W, and gradient accumulation, clipping (its norm equals the rotated gradient's: the bases
+are orthogonal), autocast, activation checkpointing and the DDP all-reduce work unchanged. The sparse optimizer
+(``peft_sparsegrad.optim``) rotates ``W.grad``, keeps its top-k entries, updates those entries of ΔW' and calls
+``apply_change``, which adds U_out δ U_inᵀ for the changed entries δ to W.
 
-With ``selection="periodic"`` the optimizer leaves the fixed support S on ΔW' (``sparsegrad_support``) between
-refreshes, and backward computes only (U_outᵀ (∂L/∂W) U_in)[S] (``BasisPair.rotate_at``), the rest of ΔW'.grad being 0.
-After a step the optimizer also leaves what it changed (``sparsegrad_last_change``), which updates the cached W_eff in
-place by U_out δ U_inᵀ (``BasisPair.unrotate_sparse``) instead of rebuilding it.
+The adapter itself is ΔW' on its support (``SparseDelta``: int32 flat indices + float32 values), never dense. For
+bf16/fp16 base weights a residual of W's dtype (compensated summation: W + residual carries ~16 significant bits for
+bf16) keeps updates far below W's rounding step from vanishing; it is what a float32 master copy would do, at half
+its size.
+
+Bookkeeping: ``_applied`` lists the adapters whose ΔW is currently in W. It always equals the active adapters plus the
+merged ones: ``set_adapter``, ``merge``, ``unmerge`` and ``delete_adapter`` add or subtract ΔW = U_out ΔW' U_inᵀ in
+place. ``disable_adapter()`` changes nothing in place; the forward then computes W₀ = W − Σ ΔW on the fly (one dense
+temporary per layer, freed after the forward), so leaving the context restores the adapted model exactly, also in the
+middle of training (TRL's DPO reference pass). Unloading subtracts what is not merged.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -32,86 +37,20 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .bases import BasisPair
+from .delta import SparseDelta
 from .targets import base_weight_as_out_in, is_conv1d, weight_shape
 
 ROUTING_ERROR = (
     "SparseGrad parameters must be updated by the sparse optimizer, otherwise an ordinary optimizer would apply dense "
-    "(and weight-decayed) updates to the rotated weights. With the Hugging Face Trainer pass "
+    "(and weight-decayed) updates to the adapted weights. With the Hugging Face Trainer pass "
     "callbacks=[peft_sparsegrad.SparseGradCallback()]; in a plain loop build the optimizer with "
     "peft_sparsegrad.create_sparsegrad_optimizer(model, lr=...)."
 )
 
-
-#: Incremental W_eff updates between two full rebuilds (bounds float32 drift; a rebuild costs about one dense step).
-FULL_REBUILD_EVERY = 200
-
-
-@dataclass
-class _WeightCache:
-    key: tuple  # which adapters, ΔW' storages, W version/storage/device
-    versions: tuple[int, ...]  # ΔW' version counters W_eff reflects
-    w_eff: torch.Tensor
-    updates: int  # incremental updates since the last full rebuild
-
-
-class _SparseGradLinearFunction(torch.autograd.Function):
-    """y = x W_effᵀ + b with W_eff = W + Σ_a ΔW_a; gradients: x and b as for a Linear layer, W gets ∂L/∂W if it is
-    trainable, and each ΔW'_a gets U_out,aᵀ (∂L/∂W) U_in,a.
-
-    Autocast is handled explicitly instead of with ``custom_fwd``/``custom_bwd`` (which need a fixed device type):
-    forward runs under the caller's autocast like any op, backward computes in the dtype of the incoming gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, w_eff, bias, pairs, *deltas):
-        ctx.save_for_backward(x, w_eff)
-        ctx.pairs, ctx.deltas = pairs, deltas
-        ctx.weight_dtype = weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return F.linear(x, w_eff, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, w_eff = ctx.saved_tensors
-        need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
-        need_deltas = ctx.needs_input_grad[5:]
-        dtype = grad_out.dtype
-        grad_x = grad_w = grad_b = grad_weight = None
-        if need_x:
-            grad_x = (grad_out @ w_eff.to(dtype)).to(x.dtype)
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
-        x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        if any(need and not getattr(d, "sparsegrad_routed", False) for d, need in zip(ctx.deltas, need_deltas)):
-            raise RuntimeError(ROUTING_ERROR)
-
-        def dense_grad() -> torch.Tensor:  # ∂L/∂W: out × in, computed at most once
-            nonlocal grad_weight
-            if grad_weight is None:
-                grad_weight = g2.T @ x2.to(dtype)
-            return grad_weight
-
-        if need_w:
-            grad_w = dense_grad().to(ctx.weight_dtype)
-        if need_b:
-            grad_b = g2.sum(0).to(ctx.bias_dtype)
-        grad_deltas = []
-        for pair, need, delta in zip(ctx.pairs, need_deltas, ctx.deltas):
-            support = getattr(delta, "sparsegrad_support", None) if need else None
-            if need:
-                delta.sparsegrad_grad_support = support  # lets the optimizer check which support this grad covers
-            if not need:
-                grad_deltas.append(None)
-            elif support is not None:
-                # selection="periodic" between refreshes: the optimizer reads ΔW'.grad only at the fixed support S,
-                # so only (U_outᵀ (∂L/∂W) U_in)[S] is computed; the rest of the dense grad stays 0.
-                values = pair.rotate_at(dense_grad(), support)
-                grad = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-                grad_deltas.append(grad.index_copy_(0, support.flat, values.to(delta.dtype)).view_as(delta))
-            elif grad_weight is None and pair.prefers_activations(g2.shape[0]):
-                grad_deltas.append(pair.rotate_from_activations(g2, x2).to(delta.dtype))
-            else:
-                grad_deltas.append(pair.rotate(dense_grad().float()).to(delta.dtype))
-        return (grad_x, grad_w, None, grad_b, None, *grad_deltas)
+#: Attribute names set on a trainable adapted weight W (a ``torch.nn.Parameter`` of the base layer).
+OWNER_ATTR = "sparsegrad_owner"  # the SparseGradLayer whose trainable adapter W is
+ROUTED_ATTR = "sparsegrad_routed"  # set by whatever applies the sparse update (optimizer / callback)
+CALIBRATING_ATTR = "sparsegrad_calibrating"  # set by the calibration pass, which consumes W.grad itself
 
 
 class SparseGradLayer(BaseTunerLayer):
@@ -123,19 +62,25 @@ class SparseGradLayer(BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.sparsegrad_delta = nn.ParameterDict({})  # adapter -> ΔW' (out × in, float32)
+        self.sparsegrad_delta: dict[str, SparseDelta] = {}  # adapter -> ΔW' on its support
         self.sparsegrad_k: dict[str, int] = {}  # adapter -> k = ⌈keep_ratio · out · in⌉
         self.sparsegrad_keep_ratio: dict[str, float] = {}
-        self.sparsegrad_bases: dict[str, Optional[BasisPair]] = {}  # None until loaded from a checkpoint
+        self.sparsegrad_bases: dict[str, Optional[BasisPair]] = {}  # None until loaded from a checkpoint / calibrated
         self.sparsegrad_type: dict[str, str] = {}  # adapter -> layer type key (shares bases)
         self.sparsegrad_refresh_interval: dict[str, int] = {}  # adapter -> steps between support refreshes, 0: dynamic
-        self._weight_cache: Optional[_WeightCache] = None
+        self._applied: list[str] = []  # adapters whose ΔW is in the base weight right now
+        self._trainable: list[str] = []  # active adapters that train (not inference mode)
+        self._residual: Optional[torch.Tensor] = None  # low part of W for half-precision in-place updates
+        self._routing_hook = None
+        self.sparsegrad_support_cache: dict[str, Any] = {}  # adapter -> periodic Support (its block pattern)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         base = self.get_base_layer()
         self.out_features, self.in_features = weight_shape(base)
         self.is_conv1d = is_conv1d(base)
         self.kwargs = kwargs
+
+    # ---- adapters -------------------------------------------------------------------------------------------------
 
     def update_layer(
         self,
@@ -151,110 +96,233 @@ class SparseGradLayer(BaseTunerLayer):
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
         weight = self.get_base_layer().weight
         shape = (self.out_features, self.in_features)
-        if init_weights:
-            delta = torch.zeros(shape, dtype=torch.float32, device=weight.device)
+        if init_weights or bases is None:
+            delta = SparseDelta.empty(shape, weight.device)
         else:  # tests only: a non-trivial adapter without training
-            delta = torch.randn(shape, dtype=torch.float32, device=weight.device) * 0.02
+            delta = SparseDelta.from_dense(torch.randn(shape, device=weight.device) * 0.02)
         self.sparsegrad_k[adapter_name] = max(1, math.ceil(keep_ratio * shape[0] * shape[1]))
         self.sparsegrad_refresh_interval[adapter_name] = int(refresh_interval)
-        self._register_delta(adapter_name, delta)
+        self.sparsegrad_delta[adapter_name] = delta
         self.sparsegrad_keep_ratio[adapter_name] = keep_ratio
         self.sparsegrad_bases[adapter_name] = bases
         self.sparsegrad_type[adapter_name] = layer_type
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Activate adapters: their ΔW goes into W (others' comes out); the active ones train unless inference_mode."""
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        self._active_adapter = list(adapter_names)
+        self._trainable = [] if inference_mode else [a for a in adapter_names if a in self.sparsegrad_delta]
+        self._sync_applied()
+        self.update_trainability()
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Disabling changes nothing in place (the forward computes W₀ on the fly), so enabling restores exactly."""
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self._applied:
+            self._add_adapter(adapter_name, -1.0)
+            self._applied.remove(adapter_name)
+        if adapter_name in self._trainable:
+            self._trainable.remove(adapter_name)
+        if adapter_name in self.merged_adapters:
+            self.merged_adapters.remove(adapter_name)
+        super().delete_adapter(adapter_name)
+        self.update_trainability()
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Device only: ΔW' stays float32 on bf16/fp16 base models (small updates would vanish in half precision)."""
-        if device is None:
-            device = self.get_base_layer().weight.device
-        delta = self.sparsegrad_delta[adapter_name] if adapter_name in self.sparsegrad_delta else None
-        if delta is None:
-            return
-        if delta.device != device and delta.device.type != "meta":
-            self._register_delta(adapter_name, delta.data.to(device), delta.requires_grad)
-        else:  # e.g. after load_state_dict(assign=True) replaced the Parameter object
-            self._mark_delta(adapter_name)
+        device = device if device is not None else self.get_base_layer().weight.device
+        if adapter_name in self.sparsegrad_delta and device.type != "meta":
+            self.sparsegrad_delta[adapter_name].to(device)
 
-    def _register_delta(self, adapter_name: str, data: torch.Tensor, requires_grad: bool = True) -> None:
-        self.sparsegrad_delta[adapter_name] = nn.Parameter(data, requires_grad=requires_grad)
-        # Marks ΔW' for the sparse optimizer. ``sparsegrad_routed`` is set by whatever will apply the top-k update
-        # (SparseGradOptimizer, SparseGradCallback); backward refuses to produce ΔW' gradients without it.
-        # Set on the *registered* object, after registration: PEFT's init_empty_weights (low_cpu_mem_usage=True)
-        # re-creates the Parameter on the meta device passing its __dict__ as keyword arguments to nn.Parameter.
-        self._mark_delta(adapter_name)
+    def delta(self, adapter_name: str) -> SparseDelta:
+        """ΔW' of ``adapter_name``, on the base weight's device."""
+        return self.sparsegrad_delta[adapter_name].to(self.get_base_layer().weight.device)
 
-    def _mark_delta(self, adapter_name: str) -> None:
-        """What the optimizer reads off ΔW': its k and its refresh interval (0 = dynamic selection)."""
-        delta = self.sparsegrad_delta[adapter_name]
-        delta.sparsegrad_k = self.sparsegrad_k[adapter_name]
-        delta.sparsegrad_refresh_interval = self.sparsegrad_refresh_interval.get(adapter_name, 0)
-
-    def pair(self, adapter_name: str, device: torch.device) -> BasisPair:
+    def pair(self, adapter_name: str, device: Optional[torch.device] = None) -> BasisPair:
         pair = self.sparsegrad_bases[adapter_name]
         if pair is None:
             raise ValueError(
-                f"Adapter '{adapter_name}' has no bases: they come from the saved adapter weights. Load it with "
-                "PeftModel.from_pretrained (after `import peft_sparsegrad`) or create it with calibration data."
+                f"Adapter '{adapter_name}' has no bases yet: they come from the saved adapter weights "
+                "(PeftModel.from_pretrained after `import peft_sparsegrad`), from calibration_dataloader, or — with "
+                "calibration_steps and no data — from the Trainer's first batches (needs SparseGradCallback)."
             )
-        return pair.to(device)
+        return pair.to(device if device is not None else self.get_base_layer().weight.device)
+
+    # ---- training -------------------------------------------------------------------------------------------------
+
+    def trainable_adapter(self) -> Optional[str]:
+        """The adapter W.grad trains, or None. Two trainable adapters of one layer would share one W.grad."""
+        if len(self._trainable) > 1:
+            raise ValueError(
+                f"Adapters {self._trainable} of this layer are all active and trainable, but SparseGrad trains one "
+                "adapter per layer at a time (they share the base weight's gradient). Train one "
+                "(model.set_adapter(name)) and load the others with is_trainable=False, or activate them only for "
+                "inference."
+            )
+        return self._trainable[0] if self._trainable else None
+
+    def update_trainability(self) -> None:
+        """W requires grad iff an adapter of this layer trains; mark W for the optimizer and guard its gradient."""
+        weight = self.get_base_layer().weight
+        trainable = bool(self._trainable)
+        weight.requires_grad_(trainable)
+        if trainable:
+            setattr(weight, OWNER_ATTR, self)
+            if self._routing_hook is None:
+                self._routing_hook = weight.register_hook(_check_routed(weight))
+        else:
+            self._release_weight()
+
+    def _release_weight(self) -> None:
+        weight = self.get_base_layer().weight
+        for attr in (OWNER_ATTR, ROUTED_ATTR):
+            if hasattr(weight, attr):
+                delattr(weight, attr)
+        if self._routing_hook is not None:
+            self._routing_hook.remove()
+            self._routing_hook = None
 
     @torch.no_grad()
-    def effective_weight(self, adapter_names: list[str], weight: torch.Tensor) -> torch.Tensor:
-        """W_eff = W + Σ_a U_out ΔW'_a U_inᵀ (out × in, W's dtype), recomputed only when W or a ΔW' changed.
+    def apply_change(self, adapter_name: str, flat: torch.Tensor, change: torch.Tensor,
+                     positions: Optional[torch.Tensor] = None) -> None:
+        """ΔW'[flat] += change (flat: sorted int64 indices already in the support, at ``positions`` of it if known)
+        and W += U_out δ U_inᵀ.
 
-        The optimizer changes ΔW' in place, which bumps its version counter; that is the cache key. While every ΔW'
-        is zero this is W itself (no copy). After an optimizer step that changed only some entries of ΔW' (it leaves a
-        ``ChangeRecord`` on ΔW'), a float32 W_eff is updated in place by U_out δ U_inᵀ for that sparse δ
-        (``BasisPair.unrotate_sparse``) instead of being rebuilt from the whole ΔW', whose support keeps growing;
-        every ``FULL_REBUILD_EVERY`` updates it is rebuilt from scratch so float32 rounding cannot accumulate.
+        What every optimizer update ends with: δ is sparse (k entries, or the support), so U_out δ U_inᵀ touches only
+        the rows/columns of U that δ occupies (``BasisPair.unrotate_sparse``); with U = I (MeProp) only those entries
+        of W change.
         """
-        deltas = [self.sparsegrad_delta[a] for a in adapter_names]
-        versions = tuple(d._version for d in deltas)
-        key = (tuple(adapter_names), tuple(d.data_ptr() for d in deltas), weight._version, weight.data_ptr(),
-               weight.device)
-        cache = self._weight_cache
-        if cache is not None and cache.key == key:
-            if cache.versions == versions:
-                return cache.w_eff
-            if self._update_incrementally(cache, adapter_names, deltas, versions, weight):
-                return cache.w_eff
-        w_eff = weight
-        for name, delta in zip(adapter_names, deltas):
-            if delta.any():
-                change = self.pair(name, weight.device).unrotate(delta.detach().to(weight.device, torch.float32))
-                w_eff = (w_eff.float() + change).to(weight.dtype)
-        self._weight_cache = _WeightCache(key, versions, w_eff, 0)
-        return w_eff
+        delta = self.delta(adapter_name)
+        delta.values.index_add_(0, delta.positions(flat) if positions is None else positions, change.float())
+        if adapter_name in self._applied:
+            self._add_sparse_to_weight(self.pair(adapter_name), flat, change.float())
 
-    def _update_incrementally(self, cache: "_WeightCache", adapter_names: list[str], deltas: list[torch.Tensor],
-                              versions: tuple[int, ...], weight: torch.Tensor) -> bool:
-        """W_eff += U_out δ U_inᵀ for every ΔW' whose only change since the cache is its last ``ChangeRecord``."""
-        w_eff = cache.w_eff
-        # W_eff shares W's storage while every ΔW' was zero (a fresh view each call for Conv1D, hence the pointer
-        # test): never update the base weight in place
-        if w_eff.data_ptr() == weight.data_ptr() or w_eff.dtype != torch.float32 or cache.updates >= FULL_REBUILD_EVERY:
-            return False
-        records = []  # (adapter, record) of every ΔW' that changed
-        for name, delta, old, new in zip(adapter_names, deltas, cache.versions, versions):
-            if old == new:
-                continue
-            record = getattr(delta, "sparsegrad_last_change", None)
-            if record is None or record.version_before != old or record.version_after != new:
-                return False
-            records.append((name, record))
-        for name, record in records:
-            pair = self.pair(name, w_eff.device)
-            w_eff.add_(pair.unrotate_sparse(record.flat.to(w_eff.device), record.change.to(w_eff.device),
-                                            tuple(w_eff.shape)))
-        cache.versions = versions
-        cache.updates += 1
-        return True
+    @torch.no_grad()
+    def set_delta(self, adapter_name: str, new: SparseDelta) -> None:
+        """Replace ΔW' (e.g. from a checkpoint); W follows by the difference if the adapter is applied."""
+        old = self.sparsegrad_delta[adapter_name]
+        device = self.get_base_layer().weight.device
+        new.to(device)
+        if adapter_name in self._applied and (old.nnz or new.nnz):
+            pair = self.pair(adapter_name)
+            self._add_dense_to_weight(pair.unrotate(new.to_dense() - old.to(device).to_dense()))
+        self.sparsegrad_delta[adapter_name] = new
+
+    # ---- the base weight ------------------------------------------------------------------------------------------
+
+    def _weight_out_in(self) -> torch.Tensor:
+        return base_weight_as_out_in(self.get_base_layer())
+
+    def _is_half(self) -> bool:
+        return self.get_base_layer().weight.dtype in (torch.float16, torch.bfloat16)
+
+    def _true_weight(self) -> torch.Tensor:
+        """W (+ residual) in float32, out × in: what W represents."""
+        w = self._weight_out_in().float()
+        return w if self._residual is None else w + self._residual.float()
+
+    def _add_dense_to_weight(self, change: torch.Tensor) -> None:
+        """W += change (float32, out × in), with compensated summation for half-precision W."""
+        w = self._weight_out_in()
+        if not self._is_half():
+            w.add_(change.to(w.dtype))
+            return
+        total = self._true_weight().add_(change)
+        w.copy_(total)
+        if self._residual is None:
+            self._residual = torch.empty_like(w)
+        self._residual.copy_(total.sub_(w.float()))
+
+    def _add_sparse_to_weight(self, pair: BasisPair, flat: torch.Tensor, change: torch.Tensor) -> None:
+        if not pair.is_identity:
+            self._add_dense_to_weight(pair.unrotate_sparse(flat, change, (self.out_features, self.in_features)))
+            return
+        # MeProp: δ is in the original basis, only entries `flat` of W change
+        w = self._weight_out_in()
+        if self.is_conv1d:  # storage is in × out: entry (r, c) of W sits at c · out + r
+            rows, cols = flat.div(self.in_features, rounding_mode="floor"), flat.remainder(self.in_features)
+            flat = cols * self.out_features + rows
+        storage = self.get_base_layer().weight.view(-1)
+        if not self._is_half():
+            storage.index_add_(0, flat, change.to(storage.dtype))
+            return
+        if self._residual is None:
+            self._residual = torch.zeros_like(w)  # same strides as W's view: its storage is laid out like W's
+        residual = self._residual.T.reshape(-1) if self.is_conv1d else self._residual.view(-1)  # views
+        total = storage.index_select(0, flat).float() + residual.index_select(0, flat).float() + change
+        storage.index_copy_(0, flat, total.to(storage.dtype))
+        residual.index_copy_(0, flat, (total - storage.index_select(0, flat).float()).to(residual.dtype))
+
+    def _add_adapter(self, adapter_name: str, sign: float) -> None:
+        """W += sign · U_out ΔW' U_inᵀ for one adapter."""
+        delta = self.delta(adapter_name)
+        if delta.nnz == 0:
+            return
+        pair = self.pair(adapter_name)
+        self._add_dense_to_weight(pair.unrotate(delta.to_dense()).mul_(sign))
+
+    @torch.no_grad()
+    def _sync_applied(self) -> None:
+        """Make W hold W₀ + Σ ΔW over the active and the merged adapters (in place)."""
+        wanted = [a for a in dict.fromkeys(self.merged_adapters + list(self.active_adapters))
+                  if a in self.sparsegrad_delta]
+        for name in [a for a in self._applied if a not in wanted]:
+            self._add_adapter(name, -1.0)
+            self._applied.remove(name)
+        for name in [a for a in wanted if a not in self._applied]:
+            self._add_adapter(name, 1.0)
+            self._applied.append(name)
+        if not self._applied and self._residual is not None:
+            self._drop_residual()
+
+    def _drop_residual(self) -> None:
+        """Fold the residual into W (rounded) and free it: W is a plain weight again."""
+        w = self._weight_out_in()
+        with torch.no_grad():
+            w.copy_(self._true_weight())
+        self._residual = None
+
+    def base_weight(self) -> torch.Tensor:
+        """W₀ = W − Σ ΔW over the applied adapters (out × in, W's dtype; a new tensor): the weight without adapters."""
+        w = self._weight_out_in()
+        if not any(self.sparsegrad_delta[a].nnz for a in self._applied):
+            return w.detach()
+        total = self._true_weight()
+        for name in self._applied:
+            delta = self.delta(name)
+            if delta.nnz:
+                total.sub_(self.pair(name).unrotate(delta.to_dense()))
+        return total.to(w.dtype)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """ΔW in the base layer's own layout (in × out for Conv1D) and dtype: what merge adds."""
+        """ΔW in the base layer's own layout (in × out for Conv1D) and dtype: what merging adds."""
         weight = self.get_base_layer().weight
-        delta = self.pair(adapter_name, weight.device).unrotate(self.sparsegrad_delta[adapter_name].detach().float())
+        delta = self.pair(adapter_name).unrotate(self.delta(adapter_name).to_dense())
         return (delta.T if self.is_conv1d else delta).to(weight.dtype)
+
+    def unload_weight(self) -> None:
+        """Before the base layer replaces this one: W keeps only the merged adapters, no hooks, frozen."""
+        with torch.no_grad():
+            for name in [a for a in self._applied if a not in self.merged_adapters]:
+                self._add_adapter(name, -1.0)
+                self._applied.remove(name)
+            if self._residual is not None:
+                self._drop_residual()
+        self._trainable = []
+        self._release_weight()
+        self.get_base_layer().weight.requires_grad_(False)
+
+
+def _check_routed(weight: torch.Tensor):
+    def hook(grad: torch.Tensor) -> None:
+        if not (getattr(weight, ROUTED_ATTR, False) or getattr(weight, CALIBRATING_ATTR, False)):
+            raise RuntimeError(ROUTING_ERROR)
+
+    return hook
 
 
 class SparseGradLinear(nn.Module, SparseGradLayer):
@@ -277,46 +345,38 @@ class SparseGradLinear(nn.Module, SparseGradLayer):
         self.update_layer(adapter_name, keep_ratio, bases, layer_type, init_weights, refresh_interval=refresh_interval)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """W += U_out ΔW' U_inᵀ for each adapter (computed in float32, stored in the base weight's dtype)."""
+        """Mark adapters as merged; ΔW of an adapter that is not active yet is added to W (float32 arithmetic)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        weight = self.get_base_layer().weight
         for name in adapter_names:
             if name not in self.sparsegrad_delta:
                 continue
-            merged = weight.data.float() + self.get_delta_weight(name).float()
-            if safe_merge and not torch.isfinite(merged).all():
+            if name not in self._applied:
+                if safe_merge:
+                    change = self.pair(name).unrotate(self.delta(name).to_dense())
+                    if not torch.isfinite(self._true_weight() + change).all():
+                        raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                with torch.no_grad():
+                    self._add_adapter(name, 1.0)
+                self._applied.append(name)
+            elif safe_merge and not torch.isfinite(self._weight_out_in()).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            weight.data.copy_(merged.to(weight.dtype))
             self.merged_adapters.append(name)
-            self._weight_cache = None  # writes through .data don't bump the version counter the cache is keyed on
 
     def unmerge(self) -> None:
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        weight = self.get_base_layer().weight
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self.sparsegrad_delta:
-                weight.data.copy_((weight.data.float() - self.get_delta_weight(name).float()).to(weight.dtype))
-        self._weight_cache = None
+        self.merged_adapters = []
+        self._sync_applied()  # the active adapters stay in W, the others come out
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.sparsegrad_delta]
-        if not active:
-            return self.base_layer(x, *args, **kwargs)
+        if not self.disable_adapters:
+            return self.base_layer(x, *args, **kwargs)  # W already is W₀ + Σ ΔW: the plain layer
+        # disabled: the base model's output, W₀ computed on the fly; no gradient reaches W (or the adapter)
         base = self.get_base_layer()
-        weight = base_weight_as_out_in(base)  # out × in
-        w_eff = self.effective_weight(active, weight)
-        pairs = [self.pair(name, weight.device) for name in active]
-        deltas = [self.sparsegrad_delta[name] for name in active]
-        return _SparseGradLinearFunction.apply(x, weight, w_eff, base.bias, pairs, *deltas)
+        with torch.no_grad():
+            w0 = self.base_weight()
+        return F.linear(x, w0, base.bias)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False

@@ -18,6 +18,7 @@ from torch import nn
 from .bases import BasisPair, SparseGradBases, bases_key, load_bases, split_bases_key
 from .calibration import collect_bases
 from .config import SparseGradConfig
+from .delta import SparseDelta
 from .layer import SparseGradLayer, SparseGradLinear
 from .registration import PREFIX
 from .targets import DEFAULT_TARGET_MODULES, assign_layer_types, find_target_modules, resolve_default_targets, \
@@ -26,9 +27,11 @@ from .targets import DEFAULT_TARGET_MODULES, assign_layer_types, find_target_mod
 _PEFT_PREFIX = "base_model.model."
 
 NO_BASES_ERROR = (
-    "SparseGrad needs bases U_out, U_in. Either pass calibration_dataloader=<iterable of batches with labels> "
-    "(calibrates on calibration_steps batches), bases='identity' (MeProp, no data), bases=<path to a bases file from "
-    "save_bases / `sparsegrad calibrate`, or to a saved SparseGrad adapter>, or precomputed_bases=<SparseGradBases>."
+    "SparseGrad needs bases U_out, U_in. Either train with the Hugging Face Trainer and "
+    "callbacks=[SparseGradCallback()] (it calibrates on the first calibration_steps training batches), or pass "
+    "calibration_dataloader=<iterable of batches with labels> to SparseGradConfig, bases='identity' (MeProp, no "
+    "data), bases=<path to a bases file from save_bases / `sparsegrad calibrate`, or to a saved SparseGrad adapter>, "
+    "or precomputed_bases=<SparseGradBases>."
 )
 
 
@@ -98,7 +101,7 @@ class SparseGradModel(BaseTuner):
             return {t: None for t in types}  # filled by _remap_adapter_state_dict_for_load
         if config.bases == "calibrate":
             if config.calibration_dataloader is None:
-                raise ValueError(NO_BASES_ERROR)
+                return {t: None for t in types}  # pending: calibrate_pending() (SparseGradCallback) fills them
             bases = collect_bases(model, targets, config.calibration_dataloader, config.calibration_steps,
                                   config.basis_method, precision=getattr(config, "gram_precision", "fp32"))
             return {t: bases.pairs[t] for t in types}
@@ -122,6 +125,8 @@ class SparseGradModel(BaseTuner):
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         # Unlike BaseTuner's version, never copy `.weight` onto the new module: on unload the "new module" may be a
         # head without a weight (RoBERTa's classification head inside ModulesToSaveWrapper).
+        if isinstance(child, SparseGradLayer) and new_module is child.get_base_layer():
+            child.unload_weight()  # unload: W keeps only the merged adapters (it was trained in place)
         setattr(parent, child_name, new_module)
         if hasattr(child, "base_layer"):
             child = child.base_layer
@@ -135,29 +140,59 @@ class SparseGradModel(BaseTuner):
     def sparsegrad_layers(self) -> list[SparseGradLinear]:
         return [m for m in self.model.modules() if isinstance(m, SparseGradLinear)]
 
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        # PEFT freezes every parameter outside the adapter containers, the base weights included; here the base
+        # weight W of a layer *is* what trains (in place) while one of its adapters is active and trainable.
+        super()._mark_only_adapters_as_trainable(model)
+        for module in model.modules():
+            if isinstance(module, SparseGradLayer):
+                module.update_trainability()
+
+    def pending_bases(self) -> dict[str, str]:
+        """{module name: layer type} of the adapters still waiting for calibration (no data was given)."""
+        return {name: module.sparsegrad_type[a] for name, module in self.model.named_modules()
+                if isinstance(module, SparseGradLayer)
+                for a in module.sparsegrad_bases if module.sparsegrad_bases[a] is None
+                and self.peft_config[a].bases == "calibrate"}
+
+    def calibrate_pending(self, dataloader, progress: bool = True) -> None:
+        """Calibrate the adapters created without data or bases on ``calibration_steps`` batches of ``dataloader``.
+
+        ``SparseGradCallback`` calls this with the Trainer's training dataloader when training begins. The model is
+        left as it was (weights, ``requires_grad``, ``.grad``); only the bases are filled in.
+        """
+        for adapter, config in self.peft_config.items():
+            layers = {name: module for name, module in self.model.named_modules()
+                      if isinstance(module, SparseGradLayer) and module.sparsegrad_bases.get(adapter, 0) is None}
+            if not layers or config.bases != "calibrate":
+                continue
+            if dataloader is None:
+                raise ValueError(NO_BASES_ERROR)
+            bases = collect_bases(self.model, layers, dataloader, config.calibration_steps, config.basis_method,
+                                  progress, precision=config.gram_precision)
+            for name, module in layers.items():
+                module.sparsegrad_bases[adapter] = bases.pairs[module.sparsegrad_type[adapter]]
+
     # ---- checkpoint format -------------------------------------------------------------------------------------
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        out: dict[str, torch.Tensor] = {}
-        for key, value in selected.items():
-            head, sep, tail = key.rpartition(".sparsegrad_delta.")
-            if not sep:
-                out[key] = value
-                continue
-            rows, cols = torch.nonzero(value, as_tuple=True)  # the sparse change of W'
-            out[f"{head}.sparsegrad_indices.{tail}"] = torch.stack([rows, cols]).to(torch.int32)
-            out[f"{head}.sparsegrad_values.{tail}"] = value[rows, cols].float().contiguous()
-            # (out, in) of ΔW': without it a MeProp adapter (no bases saved) of a smaller model would load silently
-            out[f"{head}.sparsegrad_shape.{tail}"] = torch.tensor(tuple(value.shape), dtype=torch.int32)
+        out = dict(super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names))
         prefix = _PEFT_PREFIX if any(k.startswith(_PEFT_PREFIX) for k in state_dict) else ""
-        for module in model.modules():
+        for name, module in model.named_modules():
             if not isinstance(module, SparseGradLayer) or adapter_name not in module.sparsegrad_delta:
                 continue
             pair = module.sparsegrad_bases[adapter_name]
             if pair is None:
-                raise ValueError(f"Adapter '{adapter_name}' has no bases loaded; nothing consistent can be saved.")
+                raise ValueError(f"Adapter '{adapter_name}' has no bases yet (calibration pending or not loaded); "
+                                 "nothing consistent can be saved. " + NO_BASES_ERROR)
+            delta = module.sparsegrad_delta[adapter_name]
+            rows, cols = delta.rows_cols()
+            # the sparse change of W' on its support (zeros included: the support is what optimizer moments follow)
+            out[f"{name}.sparsegrad_indices.{adapter_name}"] = torch.stack([rows, cols]).to(torch.int32).cpu()
+            out[f"{name}.sparsegrad_values.{adapter_name}"] = delta.values.detach().float().cpu().contiguous()
+            # (out, in) of ΔW': without it a MeProp adapter (no bases saved) of a smaller model would load silently
+            out[f"{name}.sparsegrad_shape.{adapter_name}"] = torch.tensor(delta.shape, dtype=torch.int32)
             if not pair.is_identity:
                 layer_type = module.sparsegrad_type[adapter_name]
                 out[bases_key(layer_type, "U_out", prefix)] = pair.U_out.detach().float().cpu().contiguous()
@@ -190,12 +225,13 @@ class SparseGradModel(BaseTuner):
                     "a base model with other shapes."
                 )
             new_bases[name] = pair
-        dense: dict[str, torch.Tensor] = {}
+        deltas: dict[str, SparseDelta] = {}
         for key in [k for k in state_dict if k.endswith(".sparsegrad_indices")]:
             head = key.removesuffix(".sparsegrad_indices")
             indices = state_dict.pop(key).long()
             values = state_dict.pop(f"{head}.sparsegrad_values")
-            layer = layers.get(head.removeprefix(_PEFT_PREFIX))
+            layer_name = head.removeprefix(_PEFT_PREFIX)
+            layer = layers.get(layer_name)
             if layer is None:
                 raise ValueError(f"The checkpoint adapts '{head}', which is not a SparseGrad layer of this model.")
             shape = (layer.out_features, layer.in_features)
@@ -207,12 +243,10 @@ class SparseGradModel(BaseTuner):
             if indices.numel() and (indices[0].max() >= shape[0] or indices[1].max() >= shape[1]):
                 raise ValueError(f"The checkpoint's ΔW' for '{head}' does not fit the module's {shape[0]} × {shape[1]} "
                                  "weight: this adapter was trained on a base model with other shapes.")
-            delta = torch.zeros(shape, dtype=torch.float32)
-            delta[indices[0], indices[1]] = values.float()
-            dense[f"{head}.sparsegrad_delta"] = delta
-        # all checks passed: now change the model
+            deltas[layer_name] = SparseDelta.from_indices(indices[0], indices[1], values, shape)
+        # all checks passed: now change the model (W follows ΔW' where the adapter is applied)
         for name, pair in new_bases.items():
             layers[name].sparsegrad_bases[adapter_name] = pair.to(layers[name].get_base_layer().weight.device)
-            layers[name]._weight_cache = None
-        state_dict.update(dense)
+        for name, delta in deltas.items():
+            layers[name].set_delta(adapter_name, delta)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
