@@ -221,9 +221,9 @@ class SparseGradLayer(BaseTunerLayer):
         return self.get_base_layer().weight.dtype in (torch.float16, torch.bfloat16)
 
     def _true_weight(self) -> torch.Tensor:
-        """W (+ residual) in float32, out × in: what W represents."""
-        w = self._weight_out_in().float()
-        return w if self._residual is None else w + self._residual.float()
+        """W (+ residual) in float32, out × in: what W represents (always a new tensor)."""
+        w = self._weight_out_in().detach().to(torch.float32, copy=True)
+        return w if self._residual is None else w.add_(self._residual.float())
 
     def _add_dense_to_weight(self, change: torch.Tensor) -> None:
         """W += change (float32, out × in), with compensated summation for half-precision W."""
@@ -286,6 +286,7 @@ class SparseGradLayer(BaseTunerLayer):
             w.copy_(self._true_weight())
         self._residual = None
 
+    @torch.no_grad()
     def base_weight(self) -> torch.Tensor:
         """W₀ = W − Σ ΔW over the applied adapters (out × in, W's dtype; a new tensor): the weight without adapters."""
         w = self._weight_out_in()

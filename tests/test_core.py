@@ -19,7 +19,16 @@ from conftest import (assert_same_snapshot, batch_list, batch_stream, build_mode
                       snapshot, sparsegrad_layers)
 from peft_sparsegrad import (BasisPair, SparseGradBases, SparseGradConfig, calibrate,
                              create_sparsegrad_optimizer)
+from peft_sparsegrad.bases import Support
+from peft_sparsegrad.delta import SparseDelta
 from peft_sparsegrad.targets import layer_role
+
+
+def rotated_grad(layer, adapter: str = "default", rotate: bool = True) -> torch.Tensor:
+    """U_outᵀ G U_in for G = ∂L/∂W (out × in) of an adapted layer, from W.grad (what the optimizer computes)."""
+    grad = layer.get_base_layer().weight.grad
+    grad = (grad.T if layer.is_conv1d else grad).float()
+    return layer.pair(adapter).rotate(grad) if rotate else grad
 
 
 def _random_orthogonal(n: int, seed: int) -> torch.Tensor:
@@ -63,7 +72,8 @@ def test_keep_ratio_one_sgd_equals_full_finetuning(arch):
                               calibration_dataloader=batch_stream(arch, seed=7))
     model = get_peft_model(base, config)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(".sparsegrad_delta." in n for n in trainable), trainable
+    # what trains is the adapted base weights themselves (in place), nothing else
+    assert trainable and all(n.endswith(".base_layer.weight") for n in trainable), trainable
     assert len(trainable) == 4
     opt = create_sparsegrad_optimizer(model, lr=lr, mode="sgd")
     assert all("sparsegrad_k" in g for g in opt.param_groups)  # no dense (AdamW) group
@@ -103,20 +113,27 @@ def test_one_step_changes_at_most_k_entries(arch, keep_ratio, mode):
     layers = sparsegrad_layers(model)
     assert len(layers) == 4
     opt = create_sparsegrad_optimizer(model, lr=1e-2, mode=mode)
-    before = {n: m.sparsegrad_delta["default"].detach().clone() for n, m in layers.items()}
+    before = {n: m.sparsegrad_delta["default"].to_dense() for n, m in layers.items()}
+    w_before = {n: m.get_base_layer().weight.detach().clone() for n, m in layers.items()}
     model(**next(batch_stream(arch, seed=5))).loss.backward()
-    grads = {n: m.sparsegrad_delta["default"].grad.clone() for n, m in layers.items()}
+    grads = {n: rotated_grad(m) for n, m in layers.items()}
     opt.step()
     for n, m in layers.items():
         out_f, in_f = m.out_features, m.in_features
         k = math.ceil(keep_ratio * out_f * in_f)
         assert m.sparsegrad_k["default"] == k
-        changed = (m.sparsegrad_delta["default"].detach() != before[n]).sum().item()
+        after = m.sparsegrad_delta["default"].to_dense()
+        changed = (after != before[n]).sum().item()
         nonzero_grad = (grads[n] != 0).sum().item()
         assert changed <= k, f"{n}: {changed} entries changed, k={k}"
         assert changed == min(k, nonzero_grad), f"{n}: {changed} changed, k={k}, nnz(grad)={nonzero_grad}"
+        assert m.sparsegrad_delta["default"].nnz == changed  # the support holds exactly what changed
+        # W moved by exactly U_out δ U_inᵀ (in place)
+        w_change = m.get_base_layer().weight.detach() - w_before[n]
+        expected = m.get_delta_weight("default")  # ΔW' was 0 before this first step
+        torch.testing.assert_close(w_change, expected, atol=1e-6, rtol=1e-4)
         # and the changed entries are the largest |g|
-        idx = (m.sparsegrad_delta["default"].detach() != before[n]).flatten().nonzero().flatten()
+        idx = (after != before[n]).flatten().nonzero().flatten()
         kth = grads[n].abs().flatten().topk(k).values[-1]
         assert (grads[n].abs().flatten()[idx] >= kth).all()
 
@@ -191,64 +208,78 @@ def _plain_layer_with(layer, delta: torch.Tensor) -> nn.Module:
 
 
 @pytest.mark.parametrize("support", ["dense", "sparse"])
-@pytest.mark.parametrize("tokens", [15, 60])
 @pytest.mark.parametrize("which", ["fc", "conv"])
-def test_layer_forward_and_gradients_exact(which, tokens, support):
-    """Both backward paths (few tokens: rotate the activations; many: rotate ∂L/∂W) and both ΔW = U_out ΔW' U_inᵀ
-    paths (dense ΔW'; ΔW' supported on a few rows/columns: sparse-by-dense product)."""
+def test_layer_forward_and_gradients_exact(which, support):
+    """The adapted layer is the plain layer with weight W₀ + ΔW, ΔW = U_out ΔW' U_inᵀ (dense ΔW', and ΔW' on a few
+    rows/columns: the block sparse-by-dense product), and the optimizer sees U_outᵀ (∂L/∂W) U_in."""
     torch.manual_seed(0)
     net = _TwoLayers()
+    w0 = {n: m.weight.detach().clone() for n, m in net.named_children()}
     bases = SparseGradBases({"fc": BasisPair(_random_orthogonal(16, 1), _random_orthogonal(24, 2)),
                              "conv": BasisPair(_random_orthogonal(24, 3), _random_orthogonal(16, 4))})
     config = SparseGradConfig(target_modules=["fc", "conv"], precomputed_bases=bases, init_weights=False,
                               bias="sparsegrad_only")
     model = get_peft_model(net, config)
     layer = sparsegrad_layers(model)[f"base_model.model.{which}"]
-    delta_prime = layer.sparsegrad_delta["default"]
+    pair = bases.pairs[which]
+    if support == "sparse":
+        rows, cols = torch.tensor([1, 5, 5, 9]), torch.tensor([2, 7, 11, 2])
+        layer.set_delta("default", SparseDelta.from_indices(rows, cols, torch.randn(4), layer.sparsegrad_delta[
+            "default"].shape))
+        assert layer.sparsegrad_delta["default"].nnz == 4
+    delta_prime = layer.sparsegrad_delta["default"].to_dense()
     assert delta_prime.abs().sum() > 0  # init_weights=False: a nonzero ΔW'
     assert layer.get_base_layer().bias.requires_grad  # bias="sparsegrad_only"
-    assert not layer.get_base_layer().weight.requires_grad
-    create_sparsegrad_optimizer(model, lr=0.1)  # routes ΔW' (otherwise backward refuses)
-    if support == "sparse":
-        with torch.no_grad():
-            keep = torch.zeros_like(delta_prime, dtype=torch.bool)
-            keep[[1, 5, 5, 9], [2, 7, 11, 2]] = True
-            delta_prime.mul_(keep)
-        assert int((delta_prime != 0).sum()) == 4
-    pair = bases.pairs[which]
-    assert pair.prefers_activations(tokens) == (tokens == 15)  # both backward paths are exercised
+    assert layer.get_base_layer().weight.requires_grad  # W trains in place
+    create_sparsegrad_optimizer(model, lr=0.1)  # routes W (otherwise backward refuses)
 
     delta = layer.get_delta_weight("default")
-    assert delta.shape == layer.get_base_layer().weight.shape
-    plain = _plain_layer_with(layer, delta)
+    manual = pair.U_out @ delta_prime @ pair.U_in.T  # ΔW = U_out ΔW' U_inᵀ, out × in
+    torch.testing.assert_close(delta, manual.T if which == "conv" else manual, atol=1e-6, rtol=1e-5)
+    # W holds W₀ + ΔW, and base_weight() gives W₀ back
+    torch.testing.assert_close(layer.get_base_layer().weight.detach(), w0[which] + delta, atol=1e-6, rtol=1e-5)
+    w0_out_in = w0[which].T if which == "conv" else w0[which]
+    torch.testing.assert_close(layer.base_weight(), w0_out_in, atol=1e-6, rtol=1e-5)
+    plain = _plain_layer_with(layer, torch.zeros_like(delta))  # a copy of the current (adapted) weight
 
     in_features = 24 if which == "fc" else 16
     out_features = 16 if which == "fc" else 24
-    x = torch.randn(3, tokens // 3, in_features, dtype=torch.float32)
-    upstream = torch.randn(3, tokens // 3, out_features)
+    x = torch.randn(3, 5, in_features, dtype=torch.float32)
+    upstream = torch.randn(3, 5, out_features)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-
     y1 = layer(x1)
     y2 = plain(x2)
-    torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y1, y2, atol=1e-6, rtol=1e-6)
     (y1 * upstream).sum().backward()
     (y2 * upstream).sum().backward()
-    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.get_base_layer().bias.grad, plain.bias.grad, atol=1e-5, rtol=1e-5)
-    assert layer.get_base_layer().weight.grad is None  # the base weight is frozen
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(layer.get_base_layer().bias.grad, plain.bias.grad, atol=1e-6, rtol=1e-6)
 
-    # ∂L/∂W by hand (out × in) and the expected rotated gradient U_outᵀ (∂L/∂W) U_in
+    # W.grad is ∂L/∂W; the optimizer rotates it: U_outᵀ (∂L/∂W) U_in
     grad_w = upstream.reshape(-1, out_features).T @ x.reshape(-1, in_features)
-    plain_grad_w = plain.weight.grad.T if which == "conv" else plain.weight.grad
-    torch.testing.assert_close(plain_grad_w, grad_w, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(rotated_grad(layer, rotate=False), grad_w, atol=1e-4, rtol=1e-5)
     expected = pair.U_out.T @ grad_w @ pair.U_in
-    torch.testing.assert_close(delta_prime.grad, expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(rotated_grad(layer), expected, atol=1e-4, rtol=1e-5)
     wrong = pair.U_out.T @ grad_w @ pair.U_in.T  # the authors' transposed input basis
-    assert (delta_prime.grad - wrong).abs().max() > 1e-2
+    assert (rotated_grad(layer) - wrong).abs().max() > 1e-2
 
-    # and ΔW = U_out ΔW' U_inᵀ is what merge adds
-    manual = pair.U_out @ delta_prime.detach() @ pair.U_in.T
-    torch.testing.assert_close(delta, manual.T if which == "conv" else manual, atol=1e-6, rtol=1e-5)
+
+def test_sparse_rotations_match_dense_products():
+    """rotate_at (g[S] on the block of S's rows/columns) and unrotate_sparse (U_out δ U_inᵀ from the block of δ)
+    equal the dense products, for supports that fill few or all rows/columns."""
+    torch.manual_seed(0)
+    pair = BasisPair(_random_orthogonal(12, 5), _random_orthogonal(20, 6))
+    grad = torch.randn(12, 20)
+    full = pair.U_out.T @ grad @ pair.U_in
+    for flat in (torch.tensor([3, 7, 45, 46, 199, 230]), torch.randperm(240)[:120].sort().values,
+                 torch.arange(240)):
+        support = Support(flat, (12, 20), 0)
+        torch.testing.assert_close(pair.rotate_at(grad, support), full.reshape(-1)[flat], atol=1e-5, rtol=1e-5)
+        values = torch.randn(flat.numel())
+        dense = torch.zeros(240).index_copy_(0, flat, values).view(12, 20)
+        torch.testing.assert_close(pair.unrotate_sparse(flat, values, (12, 20)), pair.U_out @ dense @ pair.U_in.T,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pair.unrotate(dense), pair.U_out @ dense @ pair.U_in.T, atol=1e-5, rtol=1e-5)
 
 
 # ---- 5. calibration leaves the model exactly as it was --------------------------------------------------------
@@ -357,20 +388,21 @@ def test_half_precision_base_models_keep_float32_adapter(arch, dtype):
     model = get_peft_model(base, SparseGradConfig(calibration_steps=2, calibration_dataloader=batch_stream(arch)))
     for name, layer in sparsegrad_layers(model).items():
         assert layer.get_base_layer().weight.dtype == dtype
-        assert layer.sparsegrad_delta["default"].dtype == torch.float32, name
+        assert layer.sparsegrad_delta["default"].values.dtype == torch.float32, name
         pair = layer.sparsegrad_bases["default"]
         assert pair.U_out.dtype == torch.float32 and pair.U_in.dtype == torch.float32
         torch.testing.assert_close(pair.U_in.T @ pair.U_in, torch.eye(pair.U_in.shape[0]), atol=1e-5, rtol=0)
-    got = logits(model, batch)
-    if dtype == torch.float32 and arch == "bert":
-        assert torch.equal(got, expected)  # ΔW' = 0: the very same F.linear call
-    else:
-        torch.testing.assert_close(got, expected, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
-    # a training step keeps ΔW' float32 and changes the outputs
+    assert torch.equal(logits(model, batch), expected)  # ΔW' = 0: the plain layers, untouched
+    # a training step keeps ΔW' float32, W in its dtype (+ a residual of that dtype for half precision)
     opt = create_sparsegrad_optimizer(model, lr=1e-2)
     model(**batch).loss.float().backward()
     opt.step()
-    assert all(m.sparsegrad_delta["default"].dtype == torch.float32 for m in sparsegrad_layers(model).values())
+    for layer in sparsegrad_layers(model).values():
+        assert layer.sparsegrad_delta["default"].values.dtype == torch.float32
+        assert layer.get_base_layer().weight.dtype == dtype
+        assert (layer._residual is None) == (dtype == torch.float32)
+        if layer._residual is not None:
+            assert layer._residual.dtype == dtype
     assert not torch.equal(logits(model, batch), expected)
 
 
@@ -391,7 +423,7 @@ def test_identity_bases_give_plain_weight_gradient_and_save_no_bases(arch, tmp_p
         assert layer.sparsegrad_bases["default"].is_identity
         ref = plain_modules[name.removeprefix("base_model.model.")].weight.grad
         ref = ref.T if isinstance(layer.get_base_layer(), Conv1D) else ref
-        torch.testing.assert_close(layer.sparsegrad_delta["default"].grad, ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(rotated_grad(layer), ref, atol=1e-6, rtol=1e-5)
 
     model.save_pretrained(tmp_path)
     keys = load_file(os.path.join(tmp_path, "adapter_model.safetensors")).keys()
@@ -412,7 +444,7 @@ def test_identity_bases_give_plain_weight_gradient_and_save_no_bases(arch, tmp_p
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_bf16_autocast_gradients_float32_and_close_to_fp32(arch):
-    """Under torch.autocast the forward runs in bf16; ΔW'.grad stays float32 and close to the fp32 gradient."""
+    """Under torch.autocast the forward runs in bf16; W.grad stays float32 (W's dtype) and close to fp32's."""
     grads = {}
     for use_autocast in (False, True):
         torch.manual_seed(0)
@@ -424,7 +456,7 @@ def test_bf16_autocast_gradients_float32_and_close_to_fp32(arch):
             out = model(**batch)
         assert out.logits.dtype == (torch.bfloat16 if use_autocast else torch.float32)
         out.loss.float().backward()
-        grads[use_autocast] = {n: m.sparsegrad_delta["default"].grad for n, m in sparsegrad_layers(model).items()}
+        grads[use_autocast] = {n: rotated_grad(m) for n, m in sparsegrad_layers(model).items()}
     for name, g in grads[True].items():
         ref = grads[False][name]
         assert g.dtype == torch.float32 and torch.isfinite(g).all()
