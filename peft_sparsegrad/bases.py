@@ -97,23 +97,30 @@ class BasisPair:
         return torch.sparse.sampled_addmm(pattern, mat1, mat2, beta=0.0).values()
 
     def unrotate_sparse(self, flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        """U_out · δ · U_inᵀ (dense out × in, float32) for a δ with ``values`` at the flat indices ``flat``.
+        """U_out · δ · U_inᵀ (dense out × in, float32) for a δ with ``values`` at the unique flat indices ``flat``.
 
-        Only the block δ[R, C] of the rows R and columns C that δ occupies is formed: cost out · |R| · |C| plus
-        out · in · min(|R|, |C|) (the paper's sparse-by-dense product), against out · in · (out + in) for a dense δ.
-        This is what keeps W = W₀ + U_out ΔW' U_inᵀ current after a step that changed k entries.
+        The sparse side is a sparse × dense product (cost |δ| · max(out, in)); the dense side then touches only the
+        rows R or the columns C that δ occupies, whichever are fewer: cost out · in · min(|R|, |C|) (the paper's
+        sparse-by-dense product), against out · in · (out + in) for a dense δ. This is what keeps
+        W = W₀ + U_out ΔW' U_inᵀ current after a step that changed k entries.
         """
         n_out, n_in = shape
         values = values.float()
         flat = flat.long()
         if self.is_identity:
             dense = torch.zeros(n_out * n_in, dtype=torch.float32, device=values.device)
-            return dense.index_put_((flat,), values, accumulate=True).view(n_out, n_in)
-        rows, row_pos = torch.unique(flat.div(n_in, rounding_mode="floor"), return_inverse=True)
-        cols, col_pos = torch.unique(flat.remainder(n_in), return_inverse=True)
-        block = torch.zeros(rows.numel(), cols.numel(), dtype=torch.float32, device=values.device)
-        block.index_put_((row_pos, col_pos), values, accumulate=True)
-        return self._unrotate_block(rows, cols, block)
+            return dense.index_copy_(0, flat, values).view(n_out, n_in)
+        rows, cols = flat.div(n_in, rounding_mode="floor"), flat.remainder(n_in)
+        used_rows, used_cols = torch.unique(rows), torch.unique(cols)
+        if used_cols.numel() <= used_rows.numel():
+            # N = δᵀ U_outᵀ = (U_out δ)ᵀ (in × out): non-zero rows only at C; ΔW = N[C]ᵀ U_in[:, C]ᵀ
+            delta_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), values, (n_in, n_out), check_invariants=False)
+            n_mat = torch.sparse.mm(delta_t, self.U_out.T)
+            return n_mat[used_cols].T @ self.U_in[:, used_cols].T
+        # M = δ U_inᵀ (out × in): non-zero rows only at R; ΔW = U_out[:, R] M[R]
+        delta = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n_out, n_in), check_invariants=False)
+        m_mat = torch.sparse.mm(delta, self.U_in.T)
+        return self.U_out[:, used_rows] @ m_mat[used_rows]
 
     def unrotate(self, delta: torch.Tensor) -> torch.Tensor:
         """U_out · ΔW' · U_inᵀ for a dense ΔW' (out × in): the change of W from the change of W'.
