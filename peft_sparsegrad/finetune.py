@@ -23,6 +23,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 
 from .calibration import calibrate
 from .callback import SparseGradCallback
+from .layer import OWNER_ATTR
 from .config import SparseGradConfig
 from .data import TaskSpec, batches, compute_metrics
 from .targets import DEFAULT_TARGET_MODULES, find_target_modules, resolve_default_targets, weight_shape
@@ -118,7 +119,8 @@ def setup_method(
 
 
 def _head_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "sparsegrad_delta" not in n
+    # adapted weights (trained in place by SparseGrad) carry the owner mark; LoRA's own tensors are named lora_*
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not hasattr(p, OWNER_ATTR)
                and "lora_" not in n)
 
 

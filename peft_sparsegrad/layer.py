@@ -106,7 +106,9 @@ class SparseGradLayer(BaseTunerLayer):
         self.sparsegrad_keep_ratio[adapter_name] = keep_ratio
         self.sparsegrad_bases[adapter_name] = bases
         self.sparsegrad_type[adapter_name] = layer_type
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        if adapter_name in self.active_adapters:
+            self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        # an added, inactive adapter changes nothing: the active one keeps W and its trainability
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """Activate adapters: their ΔW goes into W (others' comes out); the active ones train unless inference_mode."""
@@ -129,6 +131,7 @@ class SparseGradLayer(BaseTunerLayer):
             self._trainable.remove(adapter_name)
         if adapter_name in self.merged_adapters:
             self.merged_adapters.remove(adapter_name)
+        self.sparsegrad_support_cache.pop(adapter_name, None)
         super().delete_adapter(adapter_name)
         self.update_trainability()
 
