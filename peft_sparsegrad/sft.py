@@ -496,12 +496,16 @@ def _ranges(layers: Sequence[int]) -> str:
 
 
 def stored_params(model, method: str) -> int:
-    """Parameters a saved checkpoint of ``method`` holds (non-zeros of ΔW' for SparseGrad/MeProp)."""
+    """Trained parameters a saved checkpoint of ``method`` holds: the non-zeros of ΔW' for SparseGrad/MeProp (bases
+    excluded), the LoRA matrices, or the trainable weights for ``full``."""
     if method == "full":
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
     if method == "lora":
-        return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    return sum(int((p != 0).sum()) for n, p in model.named_parameters() if "sparsegrad_delta" in n)
+        return sum(v.numel() for k, v in state.items() if "lora_" in k)
+    return sum(v.numel() for k, v in state.items() if k.endswith("sparsegrad_values"))
 
 
 class _StepTimer:
