@@ -9,6 +9,7 @@ Saved format (adapter_model.safetensors), per adapted layer ``<m>``:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -19,7 +20,7 @@ from .bases import BasisPair, SparseGradBases, bases_key, load_bases, split_base
 from .calibration import collect_bases
 from .config import SparseGradConfig
 from .delta import SparseDelta
-from .layer import SparseGradLayer, SparseGradLinear
+from .layer import CALIBRATING_ATTR, SparseGradLayer, SparseGradLinear
 from .registration import PREFIX
 from .targets import DEFAULT_TARGET_MODULES, assign_layer_types, find_target_modules, resolve_default_targets, \
     weight_shape
@@ -33,6 +34,21 @@ NO_BASES_ERROR = (
     "data), bases=<path to a bases file from save_bases / `sparsegrad calibrate`, or to a saved SparseGrad adapter>, "
     "or precomputed_bases=<SparseGradBases>."
 )
+
+
+@contextlib.contextmanager
+def _calibrating(model: nn.Module):
+    """Calibration consumes W.grad itself: let the routing guard of already adapted, trainable weights pass (a
+    PeftModel's add_adapter with calibration data, calibrate_pending from SparseGradCallback.on_train_begin)."""
+    weights = [m.get_base_layer().weight for m in model.modules() if isinstance(m, SparseGradLayer)]
+    marked = [w for w in dict.fromkeys(weights) if not getattr(w, CALIBRATING_ATTR, False)]
+    for w in marked:
+        setattr(w, CALIBRATING_ATTR, True)
+    try:
+        yield
+    finally:
+        for w in marked:
+            delattr(w, CALIBRATING_ATTR)
 
 
 class SparseGradModel(BaseTuner):
@@ -102,8 +118,9 @@ class SparseGradModel(BaseTuner):
         if config.bases == "calibrate":
             if config.calibration_dataloader is None:
                 return {t: None for t in types}  # pending: calibrate_pending() (SparseGradCallback) fills them
-            bases = collect_bases(model, targets, config.calibration_dataloader, config.calibration_steps,
-                                  config.basis_method, precision=getattr(config, "gram_precision", "fp32"))
+            with _calibrating(model):
+                bases = collect_bases(model, targets, config.calibration_dataloader, config.calibration_steps,
+                                      config.basis_method, precision=getattr(config, "gram_precision", "fp32"))
             return {t: bases.pairs[t] for t in types}
         bases = load_bases(config.bases)
         bases.check_compatible(layer_types, shapes)
@@ -112,7 +129,10 @@ class SparseGradModel(BaseTuner):
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         layer_types, pairs = self._injection
         layer_type = layer_types[current_key]
-        args = (peft_config.keep_ratio, pairs[layer_type], layer_type, peft_config.init_weights)
+        # A config read from a saved adapter (layer_shapes filled in) gets ΔW' from the checkpoint: never a random
+        # init_weights=False start, which would go into W in place before loading (and stay there if loading fails).
+        init_weights = peft_config.init_weights or peft_config.layer_shapes is not None
+        args = (peft_config.keep_ratio, pairs[layer_type], layer_type, init_weights)
         refresh = peft_config.refresh_interval if getattr(peft_config, "selection", "dynamic") == "periodic" else 0
         if isinstance(target, SparseGradLinear):
             target.update_layer(adapter_name, *args, refresh_interval=refresh)
@@ -168,8 +188,9 @@ class SparseGradModel(BaseTuner):
                 continue
             if dataloader is None:
                 raise ValueError(NO_BASES_ERROR)
-            bases = collect_bases(self.model, layers, dataloader, config.calibration_steps, config.basis_method,
-                                  progress, precision=config.gram_precision)
+            with _calibrating(self.model):
+                bases = collect_bases(self.model, layers, dataloader, config.calibration_steps, config.basis_method,
+                                      progress, precision=config.gram_precision)
             for name, module in layers.items():
                 module.sparsegrad_bases[adapter] = bases.pairs[module.sparsegrad_type[adapter]]
 
