@@ -192,6 +192,48 @@ def sparsegrad_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseGradLinear)}
 
 
+def base_weight_stored(layer: torch.nn.Module) -> torch.Tensor:
+    """W₀ of a SparseGradLinear (``layer.base_weight()``, out × in) in the base layer's own layout (in × out for
+    GPT-2's Conv1D), comparable with the plain model's ``.weight``."""
+    w0 = layer.base_weight()
+    return w0.T if layer.is_conv1d else w0
+
+
+def adapter_snapshot(model: torch.nn.Module) -> dict[str, dict]:
+    """Per SparseGradLinear: ΔW' of every adapter (flat indices, values, shape), the bookkeeping lists (applied,
+    trainable, merged, active), the bases objects, and W₀ = ``base_weight()``. The parameters themselves (W, its
+    requires_grad and .grad) are covered by ``snapshot``: an adapted layer's W holds W₀ + Σ ΔW in place."""
+    snap = {}
+    for name, layer in sparsegrad_layers(model).items():
+        snap[name] = {
+            "deltas": {a: (d.flat.clone(), d.values.clone(), tuple(d.shape)) for a, d in layer.sparsegrad_delta.items()},
+            "bases": dict(layer.sparsegrad_bases),
+            "applied": list(layer._applied),
+            "trainable": list(layer._trainable),
+            "merged": list(layer.merged_adapters),
+            "active": list(layer.active_adapters),
+            "w0": layer.base_weight().clone(),
+        }
+    return snap
+
+
+def assert_same_adapter_snapshot(before: dict, after: dict) -> None:
+    """Bit-identical ΔW' (support and values), the same bases objects, bookkeeping and W₀ of every adapted layer."""
+    assert before.keys() == after.keys()
+    for name, b in before.items():
+        a = after[name]
+        assert b["deltas"].keys() == a["deltas"].keys(), name
+        for adapter, (flat, values, shape) in b["deltas"].items():
+            flat2, values2, shape2 = a["deltas"][adapter]
+            assert shape == shape2 and torch.equal(flat, flat2) and torch.equal(values, values2), \
+                f"ΔW' of {name}/{adapter} changed"
+        assert b["bases"].keys() == a["bases"].keys() and all(
+            b["bases"][k] is a["bases"][k] for k in b["bases"]), f"bases of {name} changed"
+        for key in ("applied", "trainable", "merged", "active"):
+            assert b[key] == a[key], f"{name}: {key} {b[key]} -> {a[key]}"
+        assert b["w0"].dtype == a["w0"].dtype and torch.equal(b["w0"], a["w0"]), f"W₀ of {name} changed"
+
+
 # ---- fixtures ---------------------------------------------------------------------------------------------------
 
 

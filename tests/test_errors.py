@@ -12,8 +12,8 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from conftest import (assert_same_snapshot, batch_list, batch_stream, build_model, inputs_only, snapshot,
-                      sparsegrad_layers)
+from conftest import (adapter_snapshot, assert_same_adapter_snapshot, assert_same_snapshot, batch_list, batch_stream,
+                      build_model, inputs_only, logits, snapshot, sparsegrad_layers)
 from peft_sparsegrad import (SparseGradConfig, calibrate, create_sparsegrad_optimizer, save_bases)
 
 
@@ -121,12 +121,43 @@ def test_bad_config_fields(kwargs, match):
 # ---- calibration data -------------------------------------------------------------------------------------------
 
 
-def test_no_data_and_no_bases():
+def test_no_data_and_no_bases(tmp_path):
+    """No data and no bases: the model is built with *pending* bases (SparseGradCallback calibrates them from the
+    Trainer's dataloader). Nothing is touched until then; saving or a plain optimizer step says what is missing."""
     model = _prepared_bert()
-    with model_left_untouched(model):
-        with pytest.raises(ValueError) as info:
-            get_peft_model(model, SparseGradConfig())
-    assert "calibration_dataloader" in str(info.value) and "bases='identity'" in str(info.value)
+    before = snapshot(model)
+    batch = batch_list("bert", 1)[0]
+    base_out = logits(build_model("bert"), batch)
+    peft_model = get_peft_model(model, SparseGradConfig(calibration_steps=2))
+    layers = sparsegrad_layers(peft_model)
+    assert layers and all(m.sparsegrad_bases["default"] is None for m in layers.values())
+    assert set(peft_model.base_model.pending_bases()) == {n.removeprefix("base_model.model.") for n in layers}
+    # the weights are untouched (values; PEFT's usual freezing of the base model aside) and ΔW' is empty
+    after = {k.replace("base_model.model.", "").replace(".base_layer.", ".").replace(".original_module.", "."): p
+             for k, p in peft_model.named_parameters() if ".modules_to_save." not in k}
+    for name, (value, _, _) in before.items():
+        if not name.startswith("buffer:"):
+            assert torch.equal(after[name], value), name
+    assert all(m.sparsegrad_delta["default"].nnz == 0 for m in layers.values())
+    torch.testing.assert_close(logits(peft_model, batch), base_out, atol=0, rtol=0)
+
+    untouched = snapshot(peft_model), adapter_snapshot(peft_model)
+    with pytest.raises(ValueError, match="calibration") as info:
+        peft_model.save_pretrained(tmp_path)
+    assert "no bases" in str(info.value)
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+    assert_same_snapshot(untouched[0], snapshot(peft_model))
+    assert_same_adapter_snapshot(untouched[1], adapter_snapshot(peft_model))
+
+    opt = create_sparsegrad_optimizer(peft_model, lr=1e-2)
+    opt.zero_grad()
+    peft_model(**batch).loss.backward()
+    untouched = snapshot(peft_model), adapter_snapshot(peft_model)
+    with pytest.raises(ValueError) as info:
+        opt.step()
+    assert "SparseGradCallback" in str(info.value) and "calibration_dataloader" in str(info.value)
+    assert_same_snapshot(untouched[0], snapshot(peft_model))  # no half-applied step (W and .grad as they were)
+    assert_same_adapter_snapshot(untouched[1], adapter_snapshot(peft_model))
 
 
 def test_empty_dataloader():
@@ -189,12 +220,22 @@ def test_short_dataloader_warns_and_still_calibrates():
     assert all(not m.sparsegrad_bases["default"].is_identity for m in sparsegrad_layers(model).values())
 
 
-def test_checkpoint_config_without_weights_fails_clearly_at_forward():
+def test_checkpoint_config_without_weights_fails_clearly_at_the_first_step(tmp_path):
     """A saved config (bases='checkpoint', e.g. from PeftConfig.from_pretrained) passed to get_peft_model has no
-    bases until adapter weights are loaded: the forward says how to load it (or to pass bases=<adapter dir>)."""
+    bases until adapter weights are loaded. The forward is the plain base model's (W is trained in place, ΔW' = 0);
+    the first optimizer step and save_pretrained say how to load it, and leave the model as it was."""
+    batch = batch_list("bert", 1)[0]
     model = get_peft_model(build_model("bert"), SparseGradConfig(bases="checkpoint"))
+    torch.testing.assert_close(logits(model, batch), logits(build_model("bert"), batch), atol=0, rtol=0)
+    opt = create_sparsegrad_optimizer(model, lr=1e-2)
+    model(**batch).loss.backward()
+    before, adapters = snapshot(model), adapter_snapshot(model)
     with pytest.raises(ValueError, match=r"no bases.*PeftModel\.from_pretrained"):
-        model(**batch_list("bert", 1)[0])
+        opt.step()
+    with pytest.raises(ValueError, match=r"no bases"):
+        model.save_pretrained(tmp_path)
+    assert_same_snapshot(before, snapshot(model))
+    assert_same_adapter_snapshot(adapters, adapter_snapshot(model))
 
 
 def test_calibrate_function_errors_leave_model_untouched():
@@ -266,9 +307,14 @@ def test_precomputed_bases_of_the_wrong_type():
 
 def test_failing_add_adapter_leaves_peft_model_as_it_was():
     model = get_peft_model(build_model("bert"), SparseGradConfig(bases="identity", init_weights=False))
+    # (SparseGradConfig() without data no longer fails: it adds an adapter with pending bases, see
+    # test_no_data_and_no_bases; failing calibration data does)
     with model_left_untouched_peft(model):
-        with pytest.raises(ValueError, match="calibration_dataloader"):
-            model.add_adapter("second", SparseGradConfig())
+        with pytest.raises(ValueError, match="no batches"):
+            model.add_adapter("second", SparseGradConfig(calibration_dataloader=[]))
+        with pytest.raises(ValueError, match=r"Calibration batch 1 could not be run"):
+            model.add_adapter("second", SparseGradConfig(calibration_dataloader=[batch_list("bert", 1)[0], "bad"],
+                                                         calibration_steps=2))
         with pytest.raises(ValueError, match="No module matched"):
             model.add_adapter("third", SparseGradConfig(target_modules=["nope"], bases="identity"))
     assert list(model.peft_config) == ["default"]
@@ -277,20 +323,33 @@ def test_failing_add_adapter_leaves_peft_model_as_it_was():
 
 @contextlib.contextmanager
 def model_left_untouched_peft(model):
-    before, structure = snapshot(model), _structure(model)
+    """Parameters (an adapted layer's W holds W₀ + ΔW in place), requires_grad, .grad, module types, and for every
+    adapted layer ΔW' (support and values), bases, bookkeeping and W₀."""
+    before, structure, adapters = snapshot(model), _structure(model), adapter_snapshot(model)
     yield
     assert _structure(model) == structure
     assert_same_snapshot(before, snapshot(model))
+    assert_same_adapter_snapshot(adapters, adapter_snapshot(model))
 
 
 def test_backward_without_sparse_optimizer_is_refused():
     model = get_peft_model(build_model("bert"), SparseGradConfig(bases="identity"))
     torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])  # an ordinary optimizer: not routed
+    before, adapters = snapshot(model), adapter_snapshot(model)
     with pytest.raises(RuntimeError, match="create_sparsegrad_optimizer"):
         model(**batch_list("bert", 1)[0]).loss.backward()
-    assert all(m.sparsegrad_delta["default"].grad is None for m in sparsegrad_layers(model).values())
-    create_sparsegrad_optimizer(model, lr=1e-3)
+    layers = sparsegrad_layers(model).values()
+    assert all(m.get_base_layer().weight.grad is None for m in layers)  # refused before W.grad was written
+    assert_same_adapter_snapshot(adapters, adapter_snapshot(model))
+    for name, (value, flag, _) in before.items():  # the values and flags (the head may have got its .grad)
+        if not name.startswith("buffer:"):
+            p = model.get_parameter(name)
+            assert torch.equal(p, value) and p.requires_grad == flag, name
+    opt = create_sparsegrad_optimizer(model, lr=1e-3)
     model(**batch_list("bert", 1)[0]).loss.backward()  # routed: fine
+    assert all(m.get_base_layer().weight.grad is not None for m in layers)
+    opt.step()
+    assert all(m.sparsegrad_delta["default"].nnz > 0 for m in layers)
 
 
 # ---- loading onto another model ---------------------------------------------------------------------------------
