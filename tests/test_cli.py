@@ -256,3 +256,150 @@ def test_console_script_help():
     for command in ("finetune", "calibrate", "merge", "inspect"):
         assert command in proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# sparsegrad sft (causal LM on chat data), on a tiny random LLaMA with a tiny BPE tokenizer
+# --------------------------------------------------------------------------------------------------------------------
+
+SFT_TINY = ["--epochs", "2", "--batch-size", "8", "--max-seq-length", "64", "--calibration-steps", "2",
+            "--max-new-tokens", "6", "--lr", "3e-2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    from sft_helpers import chat_rows, save_tiny_model, write_jsonl
+
+    root = tmp_path_factory.mktemp("chat")
+    model = save_tiny_model(root / "tiny-llama", layers=4)
+    return {"model": model, "train": write_jsonl(root / "train.jsonl", chat_rows(24)),
+            "eval": write_jsonl(root / "eval.jsonl", chat_rows(6, 3)), "root": root}
+
+
+@pytest.fixture(scope="module")
+def sft_run(chat_data, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("sft") / "adapter"
+    code, stdout, stderr = _run(["sft", "--model", chat_data["model"], "--train-file", chat_data["train"],
+                                 "--eval-file", chat_data["eval"], "--method", "sparsegrad", *SFT_TINY,
+                                 "--output-dir", out_dir])
+    assert code == 0, stderr
+    return out_dir, stdout
+
+
+def test_sft_end_to_end(sft_run, chat_data):
+    from transformers import AutoModelForCausalLM
+
+    out_dir, stdout = sft_run
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "results.json"):
+        assert (out_dir / name).is_file(), name
+    r = json.loads((out_dir / "results.json").read_text())
+    assert r["method"] == "sparsegrad" and r["layers"] == [0, 3] and r["train_samples"] == 24
+    assert r["eval_loss_after"] < r["eval_loss_before"]
+    assert 0 <= r["eval_token_accuracy_before"] <= 1 and 0 <= r["eval_token_accuracy_after"] <= 1
+    assert r["train_time_s"] > 0 and r["trainable_params"] == 84 and r["stored_params"] > 0
+    assert len(r["samples"]) == 3 and all(s["prompt"].startswith("What colour") for s in r["samples"])
+    assert "Eval loss (assistant tokens):" in stdout and "Greedy generations" in stdout
+    config = json.loads((out_dir / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["layers_to_transform"] == [0, 3]
+    base = config["base_model_name_or_path"]
+    assert os.path.isabs(base)
+    AutoModelForCausalLM.from_pretrained(base)  # the recorded base loads on this machine
+
+
+def test_sft_inspect_and_merge_match_adapter_greedy_text(sft_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_sparsegrad import sft
+
+    out_dir, _ = sft_run
+    code, stdout, stderr = _run(["inspect", out_dir])
+    assert code == 0, stderr
+    assert "method: sparsegrad (peft_type SPARSEGRAD, task_type CAUSAL_LM)" in stdout
+    assert "eval loss" in stdout and stdout.count("k 21/step, stored nnz") == 4
+
+    merged_dir = tmp_path / "merged"
+    code, stdout, stderr = _run(["merge", "--adapter", out_dir, "--output", merged_dir])
+    assert code == 0, stderr
+    assert f"Merged adapter {out_dir} (base: " in stdout and f") -> {merged_dir}" in stdout
+    assert "(same as base + adapter)" in stdout
+    adapter_model, _ = load_adapter(str(out_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()  # plain transformers
+    prompts = [[{"role": "user", "content": f"What colour is the {x}?"}] for x in ("sky", "sun", "night")]
+    assert sft.generate(merged, tokenizer, prompts, 8) == sft.generate(adapter_model, tokenizer, prompts, 8)
+    probe = tokenizer(["What colour is the grass?"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**probe).logits, adapter_model(**probe).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sft_lora_and_full(chat_data, tmp_path):
+    for method in ("lora", "full"):
+        out_dir = tmp_path / method
+        code, stdout, stderr = _run(["sft", "--model", chat_data["model"], "--train-file", chat_data["train"],
+                                     "--method", method, *SFT_TINY, "--output-dir", out_dir])
+        assert code == 0, stderr
+        r = json.loads((out_dir / "results.json").read_text())
+        assert r["eval_samples"] == 2 and r["train_samples"] == 22  # 10 % of --train-file held out
+        assert r["eval_loss_after"] < r["eval_loss_before"]
+        assert (out_dir / ("adapter_config.json" if method == "lora" else "config.json")).is_file()
+
+
+def _sft_error_cases():
+    base = ["sft", "--model", "{model}", "--output-dir", "{tmp}/out"]
+    return {
+        "missing train file": (base + ["--train-file", "{tmp}/none.jsonl"], "does not exist"),
+        "missing eval file": (base + ["--train-file", "{train}", "--eval-file", "{tmp}/none.jsonl"], "does not exist"),
+        "no usable columns": (base + ["--train-file", "{bad}"], "no usable rows"),
+        "unknown method": (base + ["--train-file", "{train}", "--method", "adam"], "invalid choice"),
+        "length too small": (base + ["--train-file", "{train}", "--eval-file", "{eval}", "--max-seq-length", "4"],
+                             "no training example has an assistant token within --max-seq-length 4"),
+        "bases with lora": (base + ["--train-file", "{train}", "--method", "lora", "--bases", "{train}"],
+                            "--bases applies to --method sparsegrad only"),
+        "model not a model dir": (["sft", "--model", "{tmp}", "--train-file", "{train}", "--output-dir", "{tmp}/out"],
+                                  "is not a model directory"),
+        "missing output dir": (["sft", "--train-file", "{train}"], "--output-dir"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_sft_error_cases()))
+def test_sft_errors_are_one_line_and_exit_2(case, chat_data, tmp_path):
+    from sft_helpers import write_jsonl
+
+    argv, expected = _sft_error_cases()[case]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a", "label": 0}])
+    values = {"tmp": tmp_path, "model": chat_data["model"], "train": chat_data["train"], "eval": chat_data["eval"],
+              "bad": bad}
+    code, _, stderr = _run([a.format(**values) for a in argv])
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("sparsegrad: error: ") and expected in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_finetune_without_data_dir_fails_fast_offline(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    code, _, stderr = _run(["finetune", "--task", "SST-2", "--output-dir", tmp_path / "out"])
+    assert code == 2 and "not reachable" in stderr and "--data-dir" in stderr, stderr
+    assert time.perf_counter() - start < 5  # no hub retries
+    assert not (tmp_path / "out").exists()
+
+
+def test_console_entry_parses_without_importing_torch():
+    """`sparsegrad --help` and argument errors never import peft_sparsegrad (whose __init__ imports peft/torch)."""
+    script = textwrap.dedent("""
+        import contextlib, io, sys
+        import sparsegrad_cli
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            codes = [sparsegrad_cli.main(["--help"]), sparsegrad_cli.main(["sft", "--help"]),
+                     sparsegrad_cli.main(["sft", "--train-file", "x", "--method", "adam", "--output-dir", "d"])]
+        heavy = sorted(m for m in ("torch", "peft", "transformers", "peft_sparsegrad") if m in sys.modules)
+        print(codes, heavy, "sparsegrad sft" in out.getvalue())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[0, 0, 2] [] True"
