@@ -70,15 +70,28 @@ class BasisPair:
         if self.U_out is not None and self.U_out.device != device:
             self.U_out = self.U_out.to(device)
             self.U_in = self.U_in.to(device)
+            self._cast = {}
         return self
 
-    def rotate(self, grad: torch.Tensor) -> torch.Tensor:
-        """U_outᵀ · grad · U_in: the gradient of W' from the gradient of W (both out × in)."""
-        if self.is_identity:
-            return grad
-        return self.U_out.T @ grad @ self.U_in
+    def cast(self, dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U_out, U_in) in ``dtype`` (float32 if None), cached: the bases stay float32, the products of a bf16 model's
+        training step run at its precision (bf16 GEMMs are several times faster; the gradient is bf16 anyway)."""
+        if dtype is None or dtype == torch.float32:
+            return self.U_out, self.U_in
+        cache = self.__dict__.setdefault("_cast", {})
+        if dtype not in cache or cache[dtype][0].device != self.U_out.device:
+            cache[dtype] = (self.U_out.to(dtype), self.U_in.to(dtype))
+        return cache[dtype]
 
-    def rotate_at(self, grad: torch.Tensor, support: "Support") -> torch.Tensor:
+    def rotate(self, grad: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """U_outᵀ · grad · U_in: the gradient of W' from the gradient of W (both out × in), computed in ``dtype``
+        (default float32) and returned in it."""
+        if self.is_identity:
+            return grad if dtype is None else grad.to(dtype)
+        u_out, u_in = self.cast(dtype)
+        return u_out.T @ grad.to(u_out.dtype) @ u_in
+
+    def rotate_at(self, grad: torch.Tensor, support: "Support", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """(U_outᵀ · grad · U_in)[S] for the k entries S of ``support`` (float32, in the order of ``support.flat``).
 
         Only the rows R and columns C that S occupies matter: the cheaper side is rotated densely against U[:, C] (or
@@ -86,18 +99,22 @@ class BasisPair:
         in) instead of out · in · (out + in) for the full rotation; rotated gradients concentrate on leading basis
         vectors, so |R|, |C| are often far below out, in.
         """
-        grad = grad.float()
         if self.is_identity:
-            return grad.reshape(-1).index_select(0, support.flat)
+            return grad.reshape(-1).index_select(0, support.flat).float()
+        u_out, u_in = self.cast(dtype)
+        grad = grad.to(u_out.dtype)
         rows, cols, pattern = support.block()
+        # the dense product in ``dtype``; the sampling (k · max(out, in)) in float32, all sampled_addmm supports
         if cols.numel() <= rows.numel():  # (U_out[:, R]ᵀ · (G U_in[:, C]))[S]
-            mat1, mat2 = self.U_out[:, rows].T, grad @ self.U_in[:, cols]
+            mat1, mat2 = self.U_out[:, rows].T, (grad @ u_in[:, cols]).float()
         else:  # ((U_out[:, R]ᵀ G) · U_in[:, C])[S]
-            mat1, mat2 = self.U_out[:, rows].T @ grad, self.U_in[:, cols]
+            mat1, mat2 = (u_out[:, rows].T @ grad).float(), self.U_in[:, cols]
         return torch.sparse.sampled_addmm(pattern, mat1, mat2, beta=0.0).values()
 
-    def unrotate_sparse(self, flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        """U_out · δ · U_inᵀ (dense out × in, float32) for a δ with ``values`` at the unique flat indices ``flat``.
+    def unrotate_sparse(self, flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
+                        dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """U_out · δ · U_inᵀ (dense out × in) for a δ with ``values`` at the unique flat indices ``flat``; the dense
+        product runs in ``dtype`` (default float32), the result is float32.
 
         The sparse side is a sparse × dense product (cost |δ| · max(out, in)); the dense side then touches only the
         rows R or the columns C that δ occupies, whichever are fewer: cost out · in · min(|R|, |C|) (the paper's
@@ -115,12 +132,14 @@ class BasisPair:
         if used_cols.numel() <= used_rows.numel():
             # N = δᵀ U_outᵀ = (U_out δ)ᵀ (in × out): non-zero rows only at C; ΔW = N[C]ᵀ U_in[:, C]ᵀ
             delta_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), values, (n_in, n_out), check_invariants=False)
-            n_mat = torch.sparse.mm(delta_t, self.U_out.T)
-            return n_mat[used_cols].T @ self.U_in[:, used_cols].T
+            n_mat = torch.sparse.mm(delta_t, self.U_out.T)[used_cols]  # sparse × dense: float32 (faster on CPU)
+            u_in = self.cast(dtype)[1]
+            return (n_mat.T.to(u_in.dtype) @ u_in[:, used_cols].T).float()
         # M = δ U_inᵀ (out × in): non-zero rows only at R; ΔW = U_out[:, R] M[R]
         delta = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n_out, n_in), check_invariants=False)
-        m_mat = torch.sparse.mm(delta, self.U_in.T)
-        return self.U_out[:, used_rows] @ m_mat[used_rows]
+        m_mat = torch.sparse.mm(delta, self.U_in.T)[used_rows]
+        u_out = self.cast(dtype)[0]
+        return (u_out[:, used_rows] @ m_mat.to(u_out.dtype)).float()
 
     def unrotate(self, delta: torch.Tensor) -> torch.Tensor:
         """U_out · ΔW' · U_inᵀ for a dense ΔW' (out × in): the change of W from the change of W'.

@@ -223,6 +223,11 @@ class SparseGradLayer(BaseTunerLayer):
     def _is_half(self) -> bool:
         return self.get_base_layer().weight.dtype in (torch.float16, torch.bfloat16)
 
+    def compute_dtype(self) -> torch.dtype:
+        """Precision of the training step's rotations: the weight's own (bf16 for bf16/fp16 weights, whose gradient
+        has that precision anyway; float32 otherwise). Bases, ΔW', moments and the weight update stay float32."""
+        return torch.bfloat16 if self._is_half() else torch.float32
+
     def _true_weight(self) -> torch.Tensor:
         """W (+ residual) in float32, out × in: what W represents (always a new tensor)."""
         w = self._weight_out_in().detach().to(torch.float32, copy=True)
@@ -242,7 +247,8 @@ class SparseGradLayer(BaseTunerLayer):
 
     def _add_sparse_to_weight(self, pair: BasisPair, flat: torch.Tensor, change: torch.Tensor) -> None:
         if not pair.is_identity:
-            self._add_dense_to_weight(pair.unrotate_sparse(flat, change, (self.out_features, self.in_features)))
+            self._add_dense_to_weight(pair.unrotate_sparse(flat, change, (self.out_features, self.in_features),
+                                                           self.compute_dtype()))
             return
         # MeProp: δ is in the original basis, only entries `flat` of W change
         w = self._weight_out_in()

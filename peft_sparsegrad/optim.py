@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from .bases import Support
@@ -111,7 +112,12 @@ def select_topk(grad: torch.Tensor, k: int) -> torch.Tensor:
         return torch.arange(n, device=grad.device, dtype=torch.long)
     if k <= 0:
         return torch.empty(0, device=grad.device, dtype=torch.long)
-    idx = grad.abs().flatten().topk(k, sorted=False).indices
+    if grad.device.type == "cpu":
+        # numpy's introselect is ~5x faster than torch.topk on CPU for k in the thousands (same set up to ties)
+        magnitude = grad.detach().abs().reshape(-1).float().numpy()
+        idx = torch.from_numpy(np.argpartition(magnitude, n - k)[n - k:].astype(np.int64))
+    else:
+        idx = grad.abs().flatten().topk(k, sorted=False).indices
     return idx.sort().values
 
 
@@ -206,9 +212,9 @@ def _sparse_step_impl(
         return _periodic_step(layer, adapter, g_w, st, t, total, k=k, lr=lr, mode=mode, betas=betas, eps=eps,
                               weight_decay=weight_decay, refresh_interval=refresh_interval)
 
-    g = pair.rotate(g_w.float())  # U_outᵀ G U_in, out × in
+    g = pair.rotate(g_w, layer.compute_dtype())  # U_outᵀ G U_in, out × in, at the weight's precision
     sel = select_topk(g, k)
-    g_sel = g.reshape(-1).index_select(0, sel)
+    g_sel = g.reshape(-1).index_select(0, sel).float()
     del g
     kept_energy = _energy_share(g_sel, total)
     overlap = _overlap(sel, st.prev_selected)
@@ -282,9 +288,9 @@ def _periodic_step(layer: SparseGradLayer, adapter: str, g_w: torch.Tensor, st: 
     shape = (layer.out_features, layer.in_features)
     refresh = st.indices is None or (t - 1) % refresh_interval == 0
     if refresh:
-        g = pair.rotate(g_w.float())
+        g = pair.rotate(g_w, layer.compute_dtype())
         idx = select_topk(g, k)
-        g_sel = g.reshape(-1).index_select(0, idx)
+        g_sel = g.reshape(-1).index_select(0, idx).float()
         del g
         overlap = _overlap(idx, st.indices)
         if mode == "adamw":
@@ -306,7 +312,7 @@ def _periodic_step(layer: SparseGradLayer, adapter: str, g_w: torch.Tensor, st: 
             support = Support(st.indices.long(), shape, st.selected_at)  # e.g. after resume
             layer.sparsegrad_support_cache[adapter] = support
         idx = support.flat
-        g_sel = pair.rotate_at(g_w, support)
+        g_sel = pair.rotate_at(g_w, support, layer.compute_dtype())
         overlap = torch.ones((), device=idx.device)
     kept_energy = _energy_share(g_sel, total)
     delta.grow(idx)
