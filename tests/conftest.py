@@ -217,6 +217,14 @@ def adapter_snapshot(model: torch.nn.Module) -> dict[str, dict]:
     return snap
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical (dtype, shape, every bit: unlike torch.equal also for NaN entries)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = a.detach().contiguous(), b.detach().contiguous()
+    return a.numel() == 0 or torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 def assert_same_adapter_snapshot(before: dict, after: dict) -> None:
     """Bit-identical ΔW' (support and values), the same bases objects, bookkeeping and W₀ of every adapted layer."""
     assert before.keys() == after.keys()
@@ -225,13 +233,13 @@ def assert_same_adapter_snapshot(before: dict, after: dict) -> None:
         assert b["deltas"].keys() == a["deltas"].keys(), name
         for adapter, (flat, values, shape) in b["deltas"].items():
             flat2, values2, shape2 = a["deltas"][adapter]
-            assert shape == shape2 and torch.equal(flat, flat2) and torch.equal(values, values2), \
+            assert shape == shape2 and _same_bits(flat, flat2) and _same_bits(values, values2), \
                 f"ΔW' of {name}/{adapter} changed"
         assert b["bases"].keys() == a["bases"].keys() and all(
             b["bases"][k] is a["bases"][k] for k in b["bases"]), f"bases of {name} changed"
         for key in ("applied", "trainable", "merged", "active"):
             assert b[key] == a[key], f"{name}: {key} {b[key]} -> {a[key]}"
-        assert b["w0"].dtype == a["w0"].dtype and torch.equal(b["w0"], a["w0"]), f"W₀ of {name} changed"
+        assert _same_bits(b["w0"], a["w0"]), f"W₀ of {name} changed"
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import ARCHS, MATRIX, batch_list, batch_stream, build_model, logits, sparsegrad_layers
+from conftest import (ARCHS, MATRIX, adapter_snapshot, assert_same_adapter_snapshot, assert_same_snapshot,
+                      base_weight_stored, batch_list, batch_stream, build_model, logits, snapshot, sparsegrad_layers)
 from peft_sparsegrad import (SparseGradBases, SparseGradConfig, SparseGradLinear, SparseGradModel, calibrate,
                              create_sparsegrad_optimizer, load_bases, save_bases)
 from peft_sparsegrad.registration import SPARSEGRAD
@@ -64,16 +65,44 @@ def eval_batch(arch: str):
     return next(batch_stream(arch, seed=99))
 
 
-def base_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's parameters under their original names (adapter parameters and wrapper copies dropped)."""
+def raw_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters as stored, under the plain model's names (wrapper copies dropped). An adapted layer's
+    weight holds W₀ + Σ ΔW of its applied adapters (W is trained in place)."""
     if isinstance(model, PeftModel):
         model = model.base_model.model
     out = {}
     for name, p in model.named_parameters():
-        if "sparsegrad_" in name or ".modules_to_save." in name:
+        if ".modules_to_save." in name:
             continue
         out[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = p
     return out
+
+
+def base_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's parameters under their original names: like ``raw_params``, but an adapted layer's weight is
+    W₀ = ``layer.base_weight()`` (W minus the applied adapters' ΔW), in the base layer's own layout."""
+    out = raw_params(model)
+    inner = model.base_model.model if isinstance(model, PeftModel) else model
+    for name, layer in sparsegrad_layers(inner).items():
+        out[f"{name}.weight"] = base_weight_stored(layer)
+    return out
+
+
+def adapted_weight_names(model: nn.Module) -> set[str]:
+    """Plain-model names of the adapted weights (``<layer>.weight``)."""
+    return {n.removeprefix("base_model.model.") + ".weight" for n in sparsegrad_layers(model)}
+
+
+def assert_base_params_close(model: nn.Module, original: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
+    """Every non-adapted parameter bit-identical to ``original``; W₀ of every adapted layer equal up to the float
+    rounding of W₀ + ΔW − ΔW (W is adapted in place, so W₀ is recovered by a subtraction)."""
+    params, adapted = base_params(model), adapted_weight_names(model)
+    assert params.keys() == original.keys()
+    for k, v in params.items():
+        if k in adapted:
+            torch.testing.assert_close(v, original[k], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
+        else:
+            assert torch.equal(v, original[k]), f"base parameter {k} changed"
 
 
 # ---- identity, targets --------------------------------------------------------------------------------------------
@@ -95,10 +124,16 @@ def test_peft_type_and_default_targets(arch):
     assert len(lookalikes) == (4 if arch == "t5" else 2)
     for name in lookalikes:
         assert type(modules[name]) in (nn.Linear, Conv1D), f"attention layer {name} was adapted"
-    # only ΔW' (and, for classification, the head) is trainable
+    # only the adapted weights W (trained in place) and, for classification, the head are trainable; ΔW' is no
+    # parameter (a SparseDelta) and not in the state dict
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert {n for n in trainable if "sparsegrad_delta" in n} and all(
-        "sparsegrad_delta.default" in n or ".modules_to_save.default." in n for n in trainable)
+    layers = sparsegrad_layers(model)
+    assert {n for n in trainable if ".modules_to_save." not in n} == {f"{n}.base_layer.weight" for n in layers}
+    assert all(".modules_to_save.default." in n for n in trainable if not n.endswith(".base_layer.weight"))
+    assert not any("sparsegrad" in n for n, _ in model.named_parameters())
+    assert not any("sparsegrad" in k for k in model.state_dict())
+    for layer in layers.values():
+        assert layer.trainable_adapter() == "default" and layer._applied == ["default"]
 
 
 def test_outputs_equal_base_right_after_get_peft_model(arch):
@@ -132,10 +167,16 @@ def test_save_pretrained_files_and_sparse_format(arch, tmp_path):
     for name, layer in layers.items():
         indices = state[f"{name}.sparsegrad_indices"]
         values = state[f"{name}.sparsegrad_values"]
-        delta = layer.sparsegrad_delta["default"].detach()
+        sparse = layer.sparsegrad_delta["default"]
+        delta = sparse.to_dense()
         assert indices.dtype == torch.int32 and values.dtype == torch.float32
-        assert indices.shape == (2, int((delta != 0).sum())) and values.shape == (indices.shape[1],)
+        # the whole support is saved (entries that returned to 0 included: optimizer moments follow the support)
+        assert indices.shape == (2, sparse.nnz) and values.shape == (indices.shape[1],)
+        assert int((delta != 0).sum()) <= sparse.nnz
         assert 0 < indices.shape[1] < delta.numel() // 2  # sparse
+        rows, cols = sparse.rows_cols()
+        assert torch.equal(indices[0].long(), rows) and torch.equal(indices[1].long(), cols)
+        assert torch.equal(values, sparse.values)
         dense = torch.zeros_like(delta)
         dense[indices[0].long(), indices[1].long()] = values
         assert torch.equal(dense, delta)
@@ -164,14 +205,22 @@ def test_round_trip_in_process_and_config(arch, tmp_path):
     assert isinstance(loaded.base_model, SparseGradModel)
     torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-6, rtol=0)
     assert not any(p.requires_grad for p in loaded.parameters())  # inference mode by default
+    original = {k: v.detach().clone() for k, v in base_params(build_model(arch)).items()}
     for name, layer in sparsegrad_layers(loaded).items():
         ref = sparsegrad_layers(model)[name]
-        assert torch.equal(layer.sparsegrad_delta["default"], ref.sparsegrad_delta["default"])
+        a, b = layer.sparsegrad_delta["default"], ref.sparsegrad_delta["default"]
+        assert torch.equal(a.flat, b.flat) and torch.equal(a.values, b.values) and a.flat.dtype == torch.int32
+        # loading puts ΔW into W: the same weight as training built step by step, up to float rounding
+        torch.testing.assert_close(layer.get_base_layer().weight, ref.get_base_layer().weight, atol=1e-6, rtol=0)
+        assert layer._applied == ["default"] and layer.trainable_adapter() is None
         assert torch.equal(layer.sparsegrad_bases["default"].U_in, ref.sparsegrad_bases["default"].U_in)
         assert layer.sparsegrad_k["default"] == ref.sparsegrad_k["default"]
 
     # is_trainable=True: training continues from the loaded state
+    assert_base_params_close(loaded, original)
     trainable = PeftModel.from_pretrained(build_model(arch), tmp_path, is_trainable=True)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad and ".modules_to_save." not in n} == {
+        f"{n}.base_layer.weight" for n in sparsegrad_layers(trainable)}
     train(trainable, arch, steps=1, seed=6)
     assert not torch.allclose(logits(trainable, batch), expected, atol=1e-6)
 
@@ -186,8 +235,9 @@ def test_untrained_adapter_saves_empty_indices_and_loads(tmp_path):
     loaded = PeftModel.from_pretrained(build_model(arch), tmp_path, is_trainable=True)
     batch = eval_batch(arch)
     torch.testing.assert_close(logits(loaded, batch), logits(build_model(arch), batch), atol=1e-6, rtol=0)
+    assert all(m.sparsegrad_delta["default"].nnz == 0 for m in sparsegrad_layers(loaded).values())
     train(loaded, arch, steps=1)
-    assert all(m.sparsegrad_delta["default"].any() for m in sparsegrad_layers(loaded).values())
+    assert all(m.sparsegrad_delta["default"].values.abs().sum() > 0 for m in sparsegrad_layers(loaded).values())
 
 
 def test_checkpoint_without_shape_keys_still_loads(tmp_path):
@@ -221,9 +271,11 @@ def test_round_trip_low_cpu_mem_usage(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(build_model(arch), tmp_path, low_cpu_mem_usage=True, is_trainable=True)
     torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-6, rtol=0)
-    for layer in sparsegrad_layers(loaded).values():
-        delta = layer.sparsegrad_delta["default"]
-        assert delta.device.type == "cpu" and delta.dtype == torch.float32
+    for name, layer in sparsegrad_layers(loaded).items():
+        delta, ref = layer.sparsegrad_delta["default"], sparsegrad_layers(model)[name].sparsegrad_delta["default"]
+        assert delta.device.type == "cpu" and delta.values.dtype == torch.float32 and delta.flat.dtype == torch.int32
+        assert torch.equal(delta.flat, ref.flat) and torch.equal(delta.values, ref.values)
+        assert layer.get_base_layer().weight.device.type == "cpu"
     train(loaded, arch, steps=1, seed=6)  # still routable to the sparse optimizer
 
 
@@ -272,11 +324,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch):
         assert base.is_gradient_checkpointing == checkpointing
         create_sparsegrad_optimizer(model, lr=1e-2)
         model(**eval_batch(arch)).loss.backward()
-        grads[checkpointing] = {n: m.sparsegrad_delta["default"].grad for n, m in sparsegrad_layers(model).items()}
-    for name, g in grads[True].items():
-        ref = grads[False][name]
+        # W.grad is the ordinary weight gradient; the optimizer uses its rotation U_outᵀ G U_in
+        grads[checkpointing] = {}
+        for n, m in sparsegrad_layers(model).items():
+            g = m.get_base_layer().weight.grad
+            g = g.T if m.is_conv1d else g
+            grads[checkpointing][n] = (g.clone(), m.pair("default").rotate(g.float()))
+    for name, (g, rotated) in grads[True].items():
+        ref, ref_rotated = grads[False][name]
         assert ref.abs().max() > 0
         torch.testing.assert_close(g, ref, atol=1e-6 * ref.abs().max().item(), rtol=1e-5)
+        torch.testing.assert_close(rotated, ref_rotated, atol=1e-6 * ref_rotated.abs().max().item(), rtol=1e-5)
 
 
 # ---- disable / merge / unload ---------------------------------------------------------------------------------
@@ -286,54 +344,141 @@ def test_disable_merge_unmerge_unload(arch):
     batch = eval_batch(arch)
     base_logits = logits(build_model(arch), batch)
     original = {k: v.detach().clone() for k, v in base_params(build_model(arch)).items()}
-    model = make_peft(arch, init_weights=False)  # nonzero ΔW'
+    model = make_peft(arch, init_weights=False)  # nonzero ΔW', already in W (trained in place)
     adapted = logits(model, batch)
     assert (adapted - base_logits).abs().max() > 1e-4
-    never_merged = copy.deepcopy(model)  # merge + unmerge round W in float: unload exactness is checked on this
+    adapted_names = adapted_weight_names(model)
+    raw = {k: v.detach().clone() for k, v in raw_params(model).items()}  # W₀ + ΔW for adapted layers
+    assert all(not torch.equal(raw[k], original[k]) for k in adapted_names)
+    assert_base_params_close(model, original)  # W₀ = W − ΔW
+    state = snapshot(model), adapter_snapshot(model)
+    never_merged = copy.deepcopy(model)
 
-    with model.disable_adapter():
+    def assert_as_adapted():  # weights, flags, ΔW', W₀ and bookkeeping bit-identical to right after get_peft_model
+        assert_same_snapshot(state[0], snapshot(model))
+        assert_same_adapter_snapshot(state[1], adapter_snapshot(model))
+        assert torch.equal(logits(model, batch), adapted)
+
+    with model.disable_adapter():  # nothing in place: W₀ is computed on the fly
         torch.testing.assert_close(logits(model, batch), base_logits, atol=1e-6, rtol=0)
-    torch.testing.assert_close(logits(model, batch), adapted, atol=0, rtol=0)
+        for k in adapted_names:
+            assert torch.equal(raw_params(model)[k], raw[k])
+    assert_as_adapted()
 
-    model.merge_adapter()
+    model.merge_adapter()  # the active adapter already is in W: merging only marks it
     layers = sparsegrad_layers(model)
-    assert all(m.merged for m in layers.values())
-    torch.testing.assert_close(logits(model, batch), adapted, atol=1e-5, rtol=0)
-    changed = base_params(model)
-    assert any(not torch.equal(changed[k], original[k]) for k in changed)
-    with model.disable_adapter():  # disabling a merged adapter unmerges it
-        torch.testing.assert_close(logits(model, batch), base_logits, atol=1e-5, rtol=0)
-    model.merge_adapter()
+    assert all(m.merged and m.merged_adapters == ["default"] for m in layers.values())
+    assert torch.equal(logits(model, batch), adapted)
+    changed = raw_params(model)
+    assert all(torch.equal(changed[k], raw[k]) for k in changed)
+    with model.disable_adapter():  # also a merged adapter is left out of the forward
+        torch.testing.assert_close(logits(model, batch), base_logits, atol=1e-6, rtol=0)
+    assert torch.equal(logits(model, batch), adapted) and all(m.merged for m in layers.values())
+    model.merge_adapter()  # already merged: PEFT warns, nothing changes
     model.unmerge_adapter()
     assert not any(m.merged for m in layers.values())
-    for k, v in base_params(model).items():
-        torch.testing.assert_close(v, original[k], atol=1e-6, rtol=0)
-    torch.testing.assert_close(logits(model, batch), adapted, atol=1e-5, rtol=0)
+    assert_as_adapted()  # unmerging an active adapter leaves it in W, exactly
+    assert_base_params_close(model, original)
 
     merged = copy.deepcopy(model).merge_and_unload(safe_merge=True)
     assert not sparsegrad_layers(merged) and not any("sparsegrad" in n for n, _ in merged.named_parameters())
-    torch.testing.assert_close(logits(merged, batch), adapted, atol=1e-5, rtol=0)
+    assert torch.equal(logits(merged, batch), adapted)
+    for k, v in raw_params(merged).items():  # W₀ + ΔW as trained, no float work on unloading
+        assert torch.equal(v, raw[k]), k
     for name in sparsegrad_layers(model):
         plain = merged.get_submodule(name.removeprefix("base_model.model."))
         assert type(plain) in (nn.Linear, Conv1D)
+        assert not plain.weight.requires_grad and not hasattr(plain.weight, "sparsegrad_owner")
 
     unloaded = never_merged.unload()
     assert not sparsegrad_layers(unloaded)
     torch.testing.assert_close(logits(unloaded, batch), base_logits, atol=1e-6, rtol=0)
-    for k, v in base_params(unloaded).items():
-        assert torch.equal(v, original[k]), k
+    # unload subtracts ΔW from W (trained in place): W₀ comes back up to the rounding of (W₀ + ΔW) − ΔW, the rest
+    # of the model bit-identical
+    after = raw_params(unloaded)
+    assert after.keys() == original.keys()
+    for k, v in after.items():
+        if k in adapted_names:
+            torch.testing.assert_close(v, original[k], atol=1e-6, rtol=0)
+            assert not v.requires_grad and not hasattr(v, "sparsegrad_owner")
+        else:
+            assert torch.equal(v, original[k]), k
+
+
+def test_disable_adapter_in_the_middle_of_training(arch):
+    """TRL's DPO reference pass: training, then a forward of the base model inside ``disable_adapter()``, then
+    training on. Inside, outputs are the base model's and no gradient reaches W; leaving restores bit for bit."""
+    batch = eval_batch(arch)
+    base_logits = logits(build_model(arch), batch)
+    original = {k: v.detach().clone() for k, v in base_params(build_model(arch)).items()}
+    model = make_peft(arch, keep_ratio=0.05)
+    opt = create_sparsegrad_optimizer(model, lr=1e-2)
+    batches = batch_list(arch, 4, seed=5)
+    for b in batches[:2]:
+        opt.zero_grad()
+        model(**b).loss.float().backward()
+        opt.step()
+    layers = sparsegrad_layers(model)
+    weights = [m.get_base_layer().weight for m in layers.values()]
+    opt.zero_grad()
+    before_out = logits(model, batch)
+    assert (before_out - base_logits).abs().max() > 1e-4  # training did something
+    state = snapshot(model), adapter_snapshot(model)
+
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, batch), base_logits, atol=1e-5, rtol=0)
+        model.train()
+        loss = model(**batches[2]).loss.float()  # with grad enabled, as a reference pass may be
+        model.eval()
+        if loss.requires_grad:  # a classification head (modules_to_save) may still be trainable
+            loss.backward()
+        assert all(w.grad is None for w in weights)  # nothing reached W (nor the routing guard)
+        assert_base_params_close(model, original, atol=1e-5)
+    opt.zero_grad()
+    assert_same_snapshot(state[0], snapshot(model))
+    assert_same_adapter_snapshot(state[1], adapter_snapshot(model))
+    assert torch.equal(logits(model, batch), before_out)
+
+    supports = {n: m.sparsegrad_delta["default"].values.clone() for n, m in layers.items()}
+    opt.zero_grad()
+    model(**batches[3]).loss.float().backward()
+    assert all(w.grad is not None for w in weights)
+    opt.step()
+    after_out = logits(model, batch)
+    assert torch.isfinite(after_out).all() and not torch.equal(after_out, before_out)
+    for n, m in layers.items():
+        values = m.sparsegrad_delta["default"].values
+        assert values.shape != supports[n].shape or not torch.equal(values, supports[n]), n
+    assert_base_params_close(model, original, atol=1e-5)  # W still is W₀ + U_out ΔW' U_inᵀ
 
 
 def test_safe_merge_refuses_nan_adapter():
+    from peft_sparsegrad.delta import SparseDelta
+
     model = make_peft("bert", bases="identity")
+    # an inactive adapter (not in W yet) with a NaN in ΔW': safe_merge checks before adding it to W
+    model.add_adapter("broken", SparseGradConfig(bases="identity"))
     layer = next(iter(sparsegrad_layers(model).values()))
-    weight_before = layer.get_base_layer().weight.detach().clone()
-    with torch.no_grad():
-        layer.sparsegrad_delta["default"][0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
+    layer.sparsegrad_delta["broken"] = SparseDelta(torch.tensor([0], dtype=torch.int32),
+                                                   torch.tensor([float("nan")]), (layer.out_features,
+                                                                                  layer.in_features))
+    state = snapshot(model), adapter_snapshot(model)
+    with pytest.raises(ValueError, match="NaN.*broken"):
+        model.merge_adapter(["broken"], safe_merge=True)
+    assert_same_snapshot(state[0], snapshot(model))
+    assert_same_adapter_snapshot(state[1], adapter_snapshot(model))
+    assert not layer.merged and "broken" not in layer._applied
+
+    # the active adapter is in W already (trained in place): a NaN in it shows in W, and safe_merge refuses it
+    nan_delta = SparseDelta(torch.tensor([0], dtype=torch.int32), torch.tensor([float("nan")]),
+                            (layer.out_features, layer.in_features))
+    layer.set_delta("default", nan_delta)
+    assert torch.isnan(layer.get_base_layer().weight[0, 0])
+    state = snapshot(model), adapter_snapshot(model)
+    with pytest.raises(ValueError, match="NaN.*default"):
         model.merge_adapter(safe_merge=True)
-    assert torch.equal(layer.get_base_layer().weight, weight_before)
     assert not layer.merged
+    assert_same_adapter_snapshot(state[1], adapter_snapshot(model))
 
 
 def test_merge_and_unload_roberta_classification_head():
@@ -371,25 +516,48 @@ def test_two_adapters_switch_train_delete(arch):
     model.set_adapter("second")
     out_b = logits(model, batch)
     assert (out_b - out_a).abs().max() > 1e-5
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad and "sparsegrad" in n]
-    assert trainable and all(n.endswith(".second") for n in trainable)
     layers = sparsegrad_layers(model)
-    first = {n: m.sparsegrad_delta["default"].detach().clone() for n, m in layers.items()}
-    second = {n: m.sparsegrad_delta["second"].detach().clone() for n, m in layers.items()}
+    # the trainable tensors are the adapted weights W, now for "second" (only its ΔW is in W)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." not in n]
+    assert set(trainable) == {f"{n}.base_layer.weight" for n in layers}
+    assert all(m.trainable_adapter() == "second" and m._applied == ["second"] for m in layers.values())
+    first = {n: m.sparsegrad_delta["default"].to_dense() for n, m in layers.items()}
+    second = {n: m.sparsegrad_delta["second"].to_dense() for n, m in layers.items()}
     train(model, arch, steps=2)
     for n, m in layers.items():
-        assert torch.equal(m.sparsegrad_delta["default"], first[n])  # the inactive adapter did not move
-        assert not torch.equal(m.sparsegrad_delta["second"], second[n])
+        assert torch.equal(m.sparsegrad_delta["default"].to_dense(), first[n])  # the inactive adapter did not move
+        assert not torch.equal(m.sparsegrad_delta["second"].to_dense(), second[n])
         assert m.sparsegrad_bases["second"].is_identity and not m.sparsegrad_bases["default"].is_identity
+    original = {k: v.detach().clone() for k, v in base_params(build_model(arch)).items()}
+    assert_base_params_close(model, original)  # W = W₀ + ΔW of "second" only
+
+    # two trainable adapters of one layer would share W.grad: a clear error, not a silent mix
+    # (on the SparseGrad layers: PEFT's ModulesToSaveWrapper of a classification head takes one adapter only)
+    for m in layers.values():
+        m.set_adapter(["default", "second"])
+    assert all(sorted(m._applied) == ["default", "second"] for m in layers.values())
+    with pytest.raises(ValueError, match="one adapter per layer"):
+        create_sparsegrad_optimizer(model, lr=1e-2)
+    # both active for inference is fine: W holds both ΔW and trains nothing
+    for m in layers.values():
+        m.set_adapter(["default", "second"], inference_mode=True)
+    assert all(m.trainable_adapter() is None and not m.get_base_layer().weight.requires_grad
+               for m in layers.values())
+    assert_base_params_close(model, original)
 
     model.set_adapter("default")
-    torch.testing.assert_close(logits(model, batch), out_a, atol=0, rtol=0)
-    model.delete_adapter("second")
+    # W went W₀ + A → + B − A → (trained B) → + A: equal to the start up to float rounding of those additions
+    out_default = logits(model, batch)
+    torch.testing.assert_close(out_default, out_a, atol=1e-5, rtol=0)
+    assert all(m._applied == ["default"] and m.trainable_adapter() == "default" for m in layers.values())
+    assert_base_params_close(model, original)
+    model.delete_adapter("second")  # not applied: W does not change
     assert list(model.peft_config) == ["default"]
     assert not any(".second" in n for n, _ in model.named_parameters())
     assert all(set(m.sparsegrad_delta) == {"default"} and "second" not in m.sparsegrad_bases
                for m in layers.values())
-    torch.testing.assert_close(logits(model, batch), out_a, atol=0, rtol=0)
+    assert torch.equal(logits(model, batch), out_default)
+    train(model, arch, steps=1)  # the remaining adapter still trains
 
 
 def test_second_adapter_with_its_own_calibration(tmp_path):
@@ -428,11 +596,18 @@ def test_modules_to_save_trained_saved_and_nothing_else_changes(arch, tmp_path):
                                                   keep_ratio=0.05))
     layers = sparsegrad_layers(model)
     train(model, arch, steps=3, lr=1e-2)
-    after = base_params(model)
-    assert after.keys() == original.keys()
-    for k, v in after.items():
-        assert torch.equal(v, original[k]), f"base parameter {k} changed"  # incl. the original head
-    assert all(m.sparsegrad_delta["default"].any() for m in layers.values())
+    # everything but the adapted weights bit-identical (incl. the original head); the adapted weights W hold
+    # W₀ + ΔW' (MeProp: U = I, so exactly the entries outside the support of ΔW' are untouched)
+    assert_base_params_close(model, original)
+    raw = raw_params(model)
+    for name, layer in layers.items():
+        key = name.removeprefix("base_model.model.") + ".weight"
+        delta = layer.sparsegrad_delta["default"]
+        outside = torch.ones(delta.shape, dtype=torch.bool)
+        outside.view(-1)[delta.flat.long()] = False
+        assert torch.equal(raw[key][outside], original[key][outside]), key
+        assert not torch.equal(raw[key], original[key])
+    assert all(m.sparsegrad_delta["default"].values.abs().sum() > 0 for m in layers.values())
     trained_head = model.base_model.model.get_submodule(head).modules_to_save["default"]
     assert not torch.equal(trained_head.weight, original[f"{head}.weight"])
 
@@ -554,12 +729,20 @@ def test_half_precision_base_models(arch, dtype):
     model = make_peft(arch, dtype=dtype, task_type=None)
     for layer in sparsegrad_layers(model).values():
         assert layer.get_base_layer().weight.dtype == dtype
-        assert layer.sparsegrad_delta["default"].dtype == torch.float32
+        assert layer.sparsegrad_delta["default"].values.dtype == torch.float32
         assert layer.sparsegrad_bases["default"].U_out.dtype == torch.float32
     train(model, arch, steps=1, lr=1e-3)
+    half = dtype in (torch.float16, torch.bfloat16)
     for layer in sparsegrad_layers(model).values():
-        delta = layer.sparsegrad_delta["default"]
-        assert delta.dtype == torch.float32 and delta.any() and torch.isfinite(delta).all()
+        delta, weight = layer.sparsegrad_delta["default"], layer.get_base_layer().weight
+        assert delta.values.dtype == torch.float32 and delta.flat.dtype == torch.int32
+        assert delta.values.abs().sum() > 0 and torch.isfinite(delta.values).all()
+        assert weight.dtype == dtype and torch.isfinite(weight).all()  # W keeps its dtype
+        if half:  # the compensated-summation low part of W, in W's dtype
+            assert layer._residual is not None and layer._residual.dtype == dtype
+            assert layer._residual.shape == (layer.out_features, layer.in_features)
+        else:
+            assert layer._residual is None
     out = logits(model, eval_batch(arch))
     assert torch.isfinite(out).all()
 
@@ -571,6 +754,9 @@ def test_index_data_stays_int32_through_bf16_cast_and_round_trip(tmp_path):
     model = model.to(torch.bfloat16)
     for layer in sparsegrad_layers(model).values():
         assert layer.sparsegrad_bases["default"].U_out.dtype == torch.float32  # bases are not module buffers
+        delta = layer.sparsegrad_delta["default"]  # ΔW' is no module tensor either: not cast
+        assert delta.flat.dtype == torch.int32 and delta.values.dtype == torch.float32
+        assert layer.get_base_layer().weight.dtype == torch.bfloat16
     batch = eval_batch(arch)
     expected = logits(model, batch)
     model.save_pretrained(tmp_path)
@@ -583,6 +769,14 @@ def test_index_data_stays_int32_through_bf16_cast_and_round_trip(tmp_path):
     for name, layer in sparsegrad_layers(loaded).items():
         ref = sparsegrad_layers(model)[name].sparsegrad_delta["default"]
         delta = layer.sparsegrad_delta["default"]
-        assert delta.dtype == torch.float32
-        assert torch.equal(delta, ref.float())
-    torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-6, rtol=0)
+        assert delta.values.dtype == torch.float32 and delta.flat.dtype == torch.int32
+        assert torch.equal(delta.flat, ref.flat) and torch.equal(delta.values, ref.values)
+        # loading adds ΔW to the bf16 W₀ with compensated summation: W + residual holds W₀ + U_out ΔW' U_inᵀ to
+        # ~16 bits, where the cast model rounded W₀ + ΔW once to bf16
+        w0 = build_model(arch, dtype=torch.bfloat16).get_submodule(name.removeprefix("base_model.model.")).weight
+        expected_w = w0.float() + layer.pair("default").unrotate(delta.to_dense())
+        assert layer._residual is not None and layer._residual.dtype == torch.bfloat16
+        torch.testing.assert_close(layer._true_weight(), expected_w, atol=2e-6, rtol=0)
+        torch.testing.assert_close(layer.get_base_layer().weight, expected_w.to(torch.bfloat16), atol=0, rtol=0)
+    # the two bf16 models differ by one bf16 rounding of W (W₀ rounded before or after adding ΔW)
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-2, rtol=1e-2)
