@@ -1104,7 +1104,7 @@ def state_table(runs: list[dict], keep_ratio: float = 0.01, lora_rank: int = 32,
             types = any_r["layer_types"]
             small = shapes(types, len(any_r["adapted_blocks"]))
             small_f = formulas(dtype, small, types, any_r["lora_rank"], any_r["lora_rank"])
-            entry: dict[str, Any] = {"measured_model": model_name, "measured_command": res.get("command"),
+            entry: dict[str, Any] = {"dtype": dtype, "measured_model": model_name, "measured_command": res.get("command"),
                                      "measured_commit": res.get("machine", {}).get("git_commit"),
                                      "check": {}, "rows": {}}
             for case, blocks in LLAMA7B_CASES:
@@ -1133,7 +1133,8 @@ def state_table(runs: list[dict], keep_ratio: float = 0.01, lora_rank: int = 32,
                     entry["check"][m] = {"formula_bytes": b, "measured_bytes": measured,
                                          "measured_over_formula": measured / b if b else None,
                                          "rank": any_r["lora_rank"] if m != "full" else None}
-            out["by_dtype"][dtype] = entry
+            key = dtype if dtype not in out["by_dtype"] else f"{dtype} ({model_name})"
+            out["by_dtype"][key] = entry
     return out
 
 
@@ -1151,7 +1152,7 @@ def state_table_markdown(table: dict) -> list[str]:
              f"{table['galore_rank']}.", ""]
     for dtype, entry in table["by_dtype"].items():
         cases = list(entry["rows"])
-        lines += [f"### base weights {dtype} (constants from {entry['measured_model']}, commit "
+        lines += [f"### base weights {entry.get('dtype', dtype)} (constants from {entry['measured_model']}, commit "
                   f"`{entry.get('measured_commit') or 'unknown'}`)", "",
                   "| method | " + " | ".join(f"{c}: GiB (B / adapted weight)" for c in cases) + " | how |",
                   "|---|" + "---|" * len(cases) + "---|"]
