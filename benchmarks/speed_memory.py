@@ -112,8 +112,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default=None,
                    help=f"comma list of {', '.join(MODELS)} (default minilm,llama); 'none': only the Gram timing")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default 32 (8 when every model is a decoder: the issue's SmolLM2 protocol; --quick: 8)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="default 64 (128 when every model is a decoder; --quick: 32)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (>= 2 for real runs)")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps (median reported; >= 5 for real runs)")
     p.add_argument("--keep-ratio", type=float, default=0.01)
@@ -168,9 +170,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.gram_shapes = "256x128,128x256"
         args.gram_steps = min(args.gram_steps, 2)
         args.jobs = max(args.jobs, 2)
-        if args.batch_size == p.get_default("batch_size") and args.seq_len == p.get_default("seq_len"):
+        if args.batch_size is None and args.seq_len is None:
             args.batch_size, args.seq_len = 8, 32
     args.models = args.models or "minilm,llama"
+    decoders_only = all(m.strip() in DECODERS for m in args.models.split(",") if m.strip())
+    if args.batch_size is None:
+        args.batch_size = 8 if decoders_only else 32
+    if args.seq_len is None:
+        args.seq_len = 128 if decoders_only else 64
     if args.probe_keep_ratio is None:
         args.probe_keep_ratio = min(1.0, 2 * args.keep_ratio)
     if args.threads is None and args.jobs > 1 and not args.worker:
