@@ -3,6 +3,7 @@ activation checkpointing, logging and weight decay. Tiny random BERT (hidden 32,
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -15,7 +16,7 @@ import peft_sparsegrad
 import peft_sparsegrad.callback as sg_callback
 import peft_sparsegrad.optim as sg_optim
 from peft_sparsegrad import SparseGradCallback, SparseGradConfig, SparseGradOptimizer, create_sparsegrad_optimizer
-from peft_sparsegrad.optim import sparse_step, sparsegrad_parameters, state_indices
+from peft_sparsegrad.optim import SparseState, sparse_step, sparsegrad_parameters
 
 VOCAB, SEQ, KEEP_RATIO = 64, 8, 0.05
 
@@ -75,10 +76,33 @@ def _args(tmp_path, **kwargs) -> TrainingArguments:
     return TrainingArguments(**defaults)
 
 
+def _layers(model) -> list[peft_sparsegrad.SparseGradLayer]:
+    return [m for m in model.modules() if isinstance(m, peft_sparsegrad.SparseGradLayer)]
+
+
 def _deltas(model) -> list[torch.Tensor]:
-    """Every ΔW' of the model (trainable or not), in module order."""
-    return [m.sparsegrad_delta["default"].detach().clone() for m in model.modules()
-            if isinstance(m, peft_sparsegrad.SparseGradLayer)]
+    """Every ΔW' of the model (trainable or not), dense, in module order."""
+    return [m.sparsegrad_delta["default"].to_dense() for m in _layers(model)]
+
+
+def _weights(model) -> list[torch.Tensor]:
+    """Every adapted base weight W (trained in place), float32 copies, in module order."""
+    return [m.get_base_layer().weight.detach().float().clone() for m in _layers(model)]
+
+
+def _base_weights(seed: int = 0, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """W₀ of every Linear of a fresh base model (built independently of the adapted one), keyed like the PEFT model."""
+    return {"base_model.model." + name: m.weight.detach().clone() for name, m in _base(seed, dtype).named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+def _assert_weights_consistent(model, w0: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
+    """W == W₀ + U_out ΔW' U_inᵀ for every adapted layer, W₀ from a fresh base model (not derived from W or ΔW')."""
+    for name, m in model.named_modules():
+        if isinstance(m, peft_sparsegrad.SparseGradLayer):
+            pair = m.sparsegrad_bases["default"]
+            expected = w0[name].float() + pair.U_out @ m.sparsegrad_delta["default"].to_dense() @ pair.U_in.T
+            torch.testing.assert_close(m._true_weight(), expected, atol=atol, rtol=0, msg=name)
 
 
 def _classifier(model) -> list[torch.Tensor]:
@@ -125,14 +149,17 @@ def test_trainer_with_callback_trains(tmp_path):
     for param, k in sparsegrad_parameters(model):
         state = inner.state[param]
         assert state, "the callback keeps ΔW' state in the Trainer optimizer's state"
+        assert set(state) == {"step", "sparsegrad"}  # no dense AdamW moments of the Trainer's optimizer
+        assert int(state["step"]) == 20
+        st = state["sparsegrad"]
+        assert isinstance(st, SparseState) and st.mode == "adamw"
         # lean "adamw" mode: moments only on the support, never tensors shaped like the weight
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                assert value.shape != param.shape, key
-        support = state_indices(state, param)
-        assert state["exp_avg"].shape == (support.numel(),)
+        support = st.indices
+        assert support is param.sparsegrad_owner.sparsegrad_delta["default"].flat
+        assert st.exp_avg.shape == st.exp_avg_sq.shape == (support.numel(),)
         assert k <= support.numel() < param.numel()
         assert param.grad is None
+    _assert_weights_consistent(model, _base_weights())
     for param in model.base_model.model.classifier.modules_to_save["default"].parameters():
         assert inner.state[param]["exp_avg"].shape == param.shape  # the head trains with the Trainer's AdamW
 
@@ -143,20 +170,22 @@ def test_trainer_with_callback_trains(tmp_path):
 
 def test_trainer_without_callback_fails(tmp_path):
     model = _model()
-    initial = _deltas(model)
+    initial, weights = _deltas(model), _weights(model)
     with pytest.raises(RuntimeError, match="SparseGradCallback"):
         _train(tmp_path, model, callbacks=[])
     _assert_close_lists(_deltas(model), initial)  # nothing was applied
+    _assert_close_lists(_weights(model), weights)
 
 
 def test_trainer_without_callback_fails_after_a_routed_run(tmp_path):
     """The routing mark ends with the callback's run: a later Trainer without it must not train ΔW' densely."""
     model = _model()
     _train(tmp_path / "routed", model, max_steps=2)
-    trained = _deltas(model)
+    trained, weights = _deltas(model), _weights(model)
     with pytest.raises(RuntimeError, match="SparseGradCallback"):
         _train(tmp_path / "plain", model, callbacks=[], max_steps=2)
     _assert_close_lists(_deltas(model), trained)
+    _assert_close_lists(_weights(model), weights)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -181,7 +210,9 @@ def test_trainer_with_sparsegrad_optimizer(tmp_path):
         tmp_path, lambda model: {"optimizers": (create_sparsegrad_optimizer(model, lr=1e-2, mode="sgd"), None)})
     opt = sg_callback._unwrap(trainer.optimizer)
     for param, _ in sparsegrad_parameters(trainer.model):
-        assert "exp_avg" not in opt.state[param] and opt.state[param]["step"] == 1  # sgd layout, one step
+        state = opt.state[param]
+        assert set(state) == {"step", "sparsegrad"} and state["step"] == 1  # sgd layout, one step
+        assert state["sparsegrad"].mode == "sgd" and state["sparsegrad"].exp_avg is None
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SparseGradCallback))
     assert callback._delegated is opt
     assert 0 < trainer.state.log_history[0]["sparsegrad/kept_energy"] <= 1
@@ -273,11 +304,12 @@ def test_trainer_matches_plain_loop_with_global_clipping(tmp_path):
         trainable = [p for p in ref.parameters() if p.requires_grad]
         torch.nn.utils.clip_grad_norm_(trainable, max_norm)
         for (p, k), state in zip(sparse, states):
-            sparse_step(p.data, p.grad, state, k=k, lr=lr, mode="sgd")
+            sparse_step(p, p.grad, state, k=k, lr=lr, mode="sgd")
             p.grad = None
         adamw.step()
         ref.zero_grad()
     _assert_close_lists(_deltas(model), _deltas(ref), atol=1e-6, rtol=1e-5)
+    _assert_close_lists(_weights(model), _weights(ref), atol=1e-6, rtol=1e-5)
     # Adam normalises each entry: an entry with a near-zero gradient amplifies float rounding of the forward pass
     _assert_close_lists(_classifier(model), _classifier(ref), atol=1e-5, rtol=1e-4)
 
@@ -304,6 +336,7 @@ def test_gradient_accumulation_matches_large_batch_trainer(tmp_path):
            gradient_accumulation_steps=1, **common)
     assert _differs(_deltas(small), _deltas(_model()))
     _assert_close_lists(_deltas(small), _deltas(large), atol=1e-6, rtol=1e-5)
+    _assert_close_lists(_weights(small), _weights(large), atol=1e-6, rtol=1e-5)
     _assert_close_lists(_classifier(small), _classifier(large), atol=1e-5, rtol=1e-4)
 
 
@@ -322,10 +355,11 @@ def test_gradient_accumulation_matches_large_batch_plain_loop():
                 (model(**batch).loss / micro).backward()
             opt.step()
             opt.zero_grad()
-        results.append((_deltas(model), _classifier(model)))
+        results.append((_deltas(model), _classifier(model), _weights(model)))
     assert _differs(results[0][0], _deltas(_model()))
-    for deltas, head in results[1:]:
+    for deltas, head, weights in results[1:]:
         _assert_close_lists(deltas, results[0][0], atol=1e-6, rtol=1e-5)
+        _assert_close_lists(weights, results[0][2], atol=1e-6, rtol=1e-5)
         _assert_close_lists(head, results[0][1], atol=1e-5, rtol=1e-4)
 
 
@@ -333,45 +367,117 @@ def test_gradient_accumulation_matches_large_batch_plain_loop():
 # 6. checkpoint / resume and the saved adapter
 
 
+class _RecordStates(TrainerCallback):
+    """After every optimizer step: (step, support indices, selected_at) of every adapted weight's sparse state."""
+
+    def __init__(self):
+        self.steps: dict[int, list[tuple[torch.Tensor, int]]] = {}
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        inner = sg_callback._unwrap(optimizer)
+        self.steps[state.global_step] = [
+            (inner.state[p]["sparsegrad"].indices.clone(), inner.state[p]["sparsegrad"].selected_at)
+            for p, _ in sparsegrad_parameters(model)]
+
+
+def _saved_sparse_states(checkpoint) -> list[SparseState]:
+    """The SparseStates of a checkpoint's optimizer.pt (a weights_only load, as the Trainer's), in parameter order."""
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
+    return [saved[i]["sparsegrad"] for i in sorted(saved) if "sparsegrad" in saved[i]]
+
+
 @pytest.mark.parametrize("mode", ["adamw", "sparse_adam", "periodic"])
 def test_resume_from_checkpoint_is_exact(tmp_path, mode):
     """Resuming reproduces the uninterrupted run; for selection="periodic" the checkpoint falls between
-    two refreshes (interval 3, checkpoint after step 5), so the restored fixed supports must be handed to the layers."""
+    two refreshes (interval 3, checkpoint after step 5), so the restored fixed supports must be used as they are."""
     kwargs = dict(max_steps=10, save_strategy="steps", save_steps=5, lr_scheduler_type="linear", warmup_steps=2,
                   weight_decay=0.1)
     config = {"selection": "periodic", "refresh_interval": 3} if mode == "periodic" else {}
     update = "adamw" if mode == "periodic" else mode
-    run_a = _model(**config)
-    _train(tmp_path / "a", run_a, callbacks=[SparseGradCallback(mode=update)], **kwargs)
+    run_a, record_a = _model(**config), _RecordStates()
+    _train(tmp_path / "a", run_a, callbacks=[record_a, SparseGradCallback(mode=update)], **kwargs)
     checkpoint = tmp_path / "a" / "checkpoint-5"
-    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
-    key = "selected_at" if mode == "periodic" else "prev_selected"
-    assert any(key in s for s in saved.values())  # the sparse state is in the Trainer's optimizer.pt
+    saved = _saved_sparse_states(checkpoint)  # the sparse state is in the Trainer's optimizer.pt
+    assert len(saved) == 4 and all(isinstance(st, SparseState) and st.mode == update for st in saved)
+    for st in saved:
+        assert st.indices.dtype == torch.int32 and st.exp_avg.dtype == torch.float32
+        assert st.selected_at == 3 if mode == "periodic" else st.prev_selected is not None
 
-    class RecordHints(TrainerCallback):  # runs before SparseGradCallback's step, after the backward
-        hinted: list[bool] = []
-
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-            self.hinted.append(all(getattr(p, "sparsegrad_grad_support", None) is not None
-                                   for p, _ in sparsegrad_parameters(model)))
-
-    run_b = _model(**config)
-    trainer_b = _train(tmp_path / "b", run_b, callbacks=[RecordHints(), SparseGradCallback(mode=update)],
+    run_b, record_b = _model(**config), _RecordStates()
+    trainer_b = _train(tmp_path / "b", run_b, callbacks=[record_b, SparseGradCallback(mode=update)],
                        train_kwargs={"resume_from_checkpoint": str(checkpoint)}, **kwargs)
-    # steps 6..10: the first resumed step already computes gradients on the restored supports; 7 and 10 refresh
-    assert RecordHints.hinted == ([True, False, True, True, False] if mode == "periodic" else [False] * 5)
-    assert trainer_b.state.global_step == 10
-    # Equal to float32 rounding (measured: ≤ 2 ulp): the uninterrupted run updates each layer's forward weight
-    # W + U_out ΔW' U_inᵀ incrementally, the resumed one rebuilds it once from the loaded ΔW'.
+    assert trainer_b.state.global_step == 10 and sorted(record_b.steps) == [6, 7, 8, 9, 10]
+    # steps 6..10 keep the supports of the uninterrupted run; periodic: step 6 uses the restored S (selected at
+    # step 4), 7 and 10 refresh
+    for step in range(6, 11):
+        for (idx_b, at_b), (idx_a, at_a) in zip(record_b.steps[step], record_a.steps[step]):
+            assert torch.equal(idx_b, idx_a), step
+            assert at_b == at_a
+    if mode == "periodic":
+        assert [record_b.steps[s][0][1] for s in range(6, 11)] == [3, 6, 6, 6, 9]
     assert _differs(_deltas(run_a), _deltas(_model(**config)), tol=1e-3)  # the runs moved, so the check means something
-    _assert_close_lists(_deltas(run_b), _deltas(run_a), atol=2e-8, rtol=1e-6)
-    _assert_close_lists(_classifier(run_b), _classifier(run_a), atol=2e-8, rtol=1e-6)
+    # Equal to float32 rounding: the uninterrupted run updated W incrementally (W += U_out δ U_inᵀ every step), the
+    # resumed one rebuilt it once as W₀ + U_out ΔW' U_inᵀ from the loaded ΔW'.
+    _assert_close_lists(_deltas(run_b), _deltas(run_a), atol=1e-6, rtol=1e-5)
+    _assert_close_lists(_weights(run_b), _weights(run_a), atol=1e-6, rtol=1e-5)
+    _assert_close_lists(_classifier(run_b), _classifier(run_a), atol=1e-6, rtol=1e-5)
+    _assert_weights_consistent(run_b, _base_weights())
     if update == "adamw":
         opt = sg_callback._unwrap(trainer_b.optimizer)
         for param, k in sparsegrad_parameters(run_b):
-            assert opt.state[param]["exp_avg"].shape != param.shape
+            st = opt.state[param]["sparsegrad"]
+            assert st.exp_avg.shape != param.shape
             if mode == "periodic":
-                assert opt.state[param]["exp_avg"].numel() == k
+                assert st.exp_avg.numel() == k
+
+
+def test_bf16_model_resumes_with_sparse_state_intact(tmp_path):
+    """A bf16 base model: torch's Optimizer.load_state_dict casts every state tensor of a parameter to its dtype
+    (bf16), which would destroy int32 indices (> 256) and float32 moments; the SparseState object is not cast."""
+    kwargs = dict(max_steps=6, save_strategy="steps", save_steps=3, learning_rate=1e-2)
+    run_a = _model(dtype=torch.bfloat16)
+    at_checkpoint: list[list[torch.Tensor]] = []
+
+    class AtCheckpoint(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                at_checkpoint.append(_deltas(run_a))
+
+    _train(tmp_path / "a", run_a, callbacks=[AtCheckpoint(), SparseGradCallback()], **kwargs)
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    saved = _saved_sparse_states(checkpoint)
+    assert len(saved) == 4
+
+    loaded: list[SparseState] = []
+
+    class Capture(TrainerCallback):  # before SparseGradCallback's first resumed step: the state as loaded
+        def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+            if not loaded:
+                inner = sg_callback._unwrap(optimizer)
+                loaded.extend(copy.deepcopy(inner.state[p]["sparsegrad"]) for p, _ in sparsegrad_parameters(model))
+
+    run_b = _model(dtype=torch.bfloat16)
+    trainer_b = _train(tmp_path / "b", run_b, callbacks=[Capture(), SparseGradCallback()],
+                       train_kwargs={"resume_from_checkpoint": str(checkpoint)}, **kwargs)
+    assert trainer_b.state.global_step == 6 and len(loaded) == 4
+    for st, ref in zip(loaded, saved):
+        assert st.indices.dtype == torch.int32 and st.prev_selected.dtype == torch.int32
+        assert st.exp_avg.dtype == st.exp_avg_sq.dtype == torch.float32
+        assert st.indices.max() > 256  # not representable in bf16: a cast would have shown
+        assert torch.equal(st.indices, ref.indices) and torch.equal(st.prev_selected, ref.prev_selected)
+        assert torch.equal(st.exp_avg, ref.exp_avg) and torch.equal(st.exp_avg_sq, ref.exp_avg_sq)
+    for layer in _layers(run_b):
+        assert layer.get_base_layer().weight.dtype == torch.bfloat16
+        assert layer.sparsegrad_delta["default"].values.dtype == torch.float32
+    _assert_fp32_sparse_state(trainer_b, run_b)
+    # The resumed run continues the uninterrupted one, but not bit-exactly: its W was rebuilt as W₀ + ΔW in one
+    # compensated sum, so the bf16 high part of W (what the bf16 forward uses) may round to the neighbouring value
+    # where the incremental run's did not, and a few near-tied top-k selections then differ. It must still be far
+    # closer to the uninterrupted run than that run is to its own state at the checkpoint.
+    for b, a, c in zip(_deltas(run_b), _deltas(run_a), at_checkpoint[0]):
+        assert (b - a).norm() <= 0.3 * (a - c).norm(), ((b - a).norm(), (a - c).norm())
+        assert (b - a).norm() <= 0.15 * a.norm(), ((b - a).norm(), a.norm())
+    _assert_weights_consistent(run_b, _base_weights(dtype=torch.bfloat16), atol=1e-3)
 
 
 def test_save_model_is_loadable(tmp_path):
@@ -398,12 +504,16 @@ def test_save_model_is_loadable(tmp_path):
 
 
 def _assert_fp32_sparse_state(trainer, model):
+    """ΔW' and the sparse optimizer state are float32 (indices int32) whatever W's dtype; W is finite."""
     opt = sg_callback._unwrap(trainer.optimizer)
     for param, _ in sparsegrad_parameters(model):
-        assert param.dtype == torch.float32
+        assert param.dtype == model.base_model.model.classifier.modules_to_save["default"].weight.dtype
         assert torch.isfinite(param).all()
-        state = opt.state[param]
-        assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
+        delta = param.sparsegrad_owner.sparsegrad_delta["default"]
+        assert delta.values.dtype == torch.float32 and delta.flat.dtype == torch.int32
+        st = opt.state[param]["sparsegrad"]
+        assert st.exp_avg.dtype == torch.float32 and st.exp_avg_sq.dtype == torch.float32
+        assert st.indices.dtype == torch.int32
 
 
 def test_bf16_autocast_training(tmp_path):
@@ -516,37 +626,84 @@ def test_statistics_in_log_history(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["adamw", "sparse_adam"])
-def test_trainer_weight_decay_does_not_touch_unselected_entries(tmp_path, monkeypatch, mode):
-    selected: dict[int, torch.Tensor] = {}
+def test_trainer_weight_decay_does_not_touch_adapted_weights(tmp_path, monkeypatch, mode):
+    """The Trainer's weight_decay (its AdamW) never reaches the adapted weights: ΔW' is non-zero only on entries
+    some step selected, W stays exactly W₀ + U_out ΔW' U_inᵀ (a dense decay of W would break that), and the Trainer's
+    AdamW holds no dense moments for W. The head does get the Trainer's update."""
+    selections: list[torch.Tensor] = []
     real = sg_optim.select_topk
 
     def spy(grad, k):
         idx = real(grad, k)
-        key = grad.data_ptr()
-        selected.setdefault(key, torch.zeros(grad.numel(), dtype=torch.bool))[idx] = True
+        selections.append(idx.clone())
         return idx
 
     monkeypatch.setattr(sg_optim, "select_topk", spy)
     model = _model()
     params = sparsegrad_parameters(model)
-    masks = {id(p): torch.zeros(p.numel(), dtype=torch.bool) for p, _ in params}
-
-    class Record(TrainerCallback):  # ΔW'.grad is a fresh tensor each step: map selections to parameters here
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            selected.clear()
-            self.ptrs = {id(p): p.grad.data_ptr() for p, _ in params}
-
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            for pid, ptr in self.ptrs.items():
-                masks[pid] |= selected[ptr]
-
     head_before = _classifier(model)
-    _train(tmp_path, model, callbacks=[Record(), SparseGradCallback(mode=mode)], weight_decay=0.1, max_steps=5,
-           learning_rate=1e-2)
-    for param, k in params:
-        flat = param.detach().view(-1)
-        mask = masks[id(param)]
+    trainer = _train(tmp_path, model, callbacks=[SparseGradCallback(mode=mode)], weight_decay=0.1, max_steps=5,
+                     learning_rate=1e-2)
+    assert len(selections) == 5 * len(params)  # one selection per adapted weight and step, in routing order
+    inner = sg_callback._unwrap(trainer.optimizer)
+    for i, (param, k) in enumerate(params):
+        mask = torch.zeros(param.numel(), dtype=torch.bool)
+        for idx in selections[i::len(params)]:
+            mask[idx] = True
         assert k <= int(mask.sum()) < param.numel()
+        delta = param.sparsegrad_owner.sparsegrad_delta["default"]
+        assert delta.flat.long().tolist() == mask.nonzero().squeeze(1).tolist()  # the support: selected entries
+        flat = delta.to_dense().view(-1)
         assert (flat[~mask] == 0).all()
         assert (flat[mask] != 0).any()
+        assert "exp_avg" not in inner.state[param]
+    _assert_weights_consistent(model, _base_weights())
     assert _differs(_classifier(model), head_before)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 11. bases calibrated from the Trainer's own data
+
+
+def test_calibration_from_the_trainers_dataloader(tmp_path):
+    """A config with calibration_steps but neither data nor bases: the adapter waits for its bases, and the callback
+    computes them at on_train_begin from the Trainer's first batches; they equal peft_sparsegrad.calibrate on those
+    same batches. Calibration leaves the weights as they were; then training moves ΔW'."""
+    w0 = _base_weights()
+    config = SparseGradConfig(calibration_steps=2, task_type="SEQ_CLS", modules_to_save=["classifier"],
+                              keep_ratio=KEEP_RATIO)
+    model = get_peft_model(_base(0), config)
+    assert all(m.sparsegrad_bases["default"] is None for m in _layers(model))
+    assert set(model.base_model.pending_bases().values()) == {m.sparsegrad_type["default"] for m in _layers(model)}
+
+    first_step: list[tuple[list, list]] = []
+
+    class Before(TrainerCallback):  # after calibration, before the first optimizer step
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                first_step.append((_weights(model), [m.sparsegrad_bases["default"] for m in _layers(model)]))
+
+    _train(tmp_path, model, callbacks=[SparseGradCallback(), Before()], max_steps=3,
+           train_sampling_strategy="sequential")
+    assert model.base_model.pending_bases() == {}
+    weights_before, bases_before = first_step[0]
+    assert all(b is not None for b in bases_before)
+    for layer, w in zip(_layers(model), weights_before):
+        name = next(n for n, m in model.named_modules() if m is layer)
+        assert torch.equal(w, w0[name])  # calibration did not change W
+
+    data = _tensors(32)
+    batches = [{k: v[i * 8:(i + 1) * 8] for k, v in data.items()} for i in range(2)]  # sequential order, batch 8
+    reference = peft_sparsegrad.calibrate(_base(0), SparseGradConfig(calibration_steps=2, task_type="SEQ_CLS"),
+                                          batches, progress=False)
+    for layer in _layers(model):
+        pair = layer.sparsegrad_bases["default"]
+        ref = reference.pairs[layer.sparsegrad_type["default"]]
+        for u, u_ref in ((pair.U_out, ref.U_out), (pair.U_in, ref.U_in)):
+            assert u.dtype == torch.float32 and u.shape == u_ref.shape == (u.shape[0], u.shape[0])
+            torch.testing.assert_close(u.T @ u, torch.eye(u.shape[0]), atol=1e-5, rtol=0)
+            torch.testing.assert_close(u, u_ref, atol=1e-5, rtol=0)
+        assert (pair.U_out.shape[0], pair.U_in.shape[0]) == (layer.out_features, layer.in_features)
+        assert layer.sparsegrad_delta["default"].nnz > 0
+    assert _differs(_deltas(model), [torch.zeros_like(d) for d in _deltas(model)])
+    _assert_weights_consistent(model, w0)
