@@ -37,12 +37,22 @@ def tensors(n: int, seed: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": (ids[:, 0] < VOCAB // 2).long()}
 
 
-def build(calibration_seed: int, **sparsegrad_options):
+def base_model() -> BertForSequenceClassification:
     torch.manual_seed(0)  # identical base model on every rank
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=SEQ, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0, num_labels=2)
-    base = BertForSequenceClassification(config)
+    return BertForSequenceClassification(config)
+
+
+def base_weights() -> dict[str, torch.Tensor]:
+    """W₀ of every Linear of the base model, keyed like the PEFT model's modules (built apart from any adapter)."""
+    return {"base_model.model." + name: m.weight.detach().clone() for name, m in base_model().named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+def build(calibration_seed: int, **sparsegrad_options):
+    base = base_model()
     data = tensors(8, calibration_seed)
     calibration = [{k: v[i * 4:(i + 1) * 4] for k, v in data.items()} for i in range(2)]
     return get_peft_model(base, SparseGradConfig(calibration_dataloader=calibration, calibration_steps=2,
@@ -52,6 +62,16 @@ def build(calibration_seed: int, **sparsegrad_options):
 
 def layers(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, peft_sparsegrad.SparseGradLayer)}
+
+
+def deltas_of(model):
+    """Dense ΔW' of every adapted layer."""
+    return {name: m.sparsegrad_delta["default"].to_dense() for name, m in layers(model).items()}
+
+
+def weights_of(model):
+    """The adapted base weights W (trained in place), out × in."""
+    return {name: m.get_base_layer().weight.detach().clone() for name, m in layers(model).items()}
 
 
 def bases_of(model):
@@ -86,7 +106,7 @@ def main(out_dir: str) -> None:
     assert args.world_size == world_size == 2 and dist.is_initialized(), (args.world_size, world_size)
 
     model = build(calibration_seed=100 + rank)  # calibration all-reduces the Gram matrices over both ranks
-    initial = {name: m.sparsegrad_delta["default"].detach().clone() for name, m in layers(model).items()}
+    initial = deltas_of(model)
     buffer_shapes = [tuple(b.shape) for b in model.buffers()]
 
     trainer = RecordingTrainer(model=model, args=args, train_dataset=Dataset.from_dict(
@@ -97,23 +117,32 @@ def main(out_dir: str) -> None:
     # 3. selection="periodic": between refreshes each rank computes gradients only on its fixed supports, which must
     # be the same on both ranks (chosen from the all-reduced gradient at the refresh)
     periodic = build(calibration_seed=100 + rank, selection="periodic", refresh_interval=2)
-    hinted = []
+    supports = []  # per step: {layer: (S as int32 flat indices, the step that selected it)}
 
-    class RecordHints(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            hinted.append(all(getattr(m.sparsegrad_delta["default"], "sparsegrad_grad_support", None) is not None
-                              for m in layers(periodic).values()))
+    class RecordSupports(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            inner = peft_sparsegrad.callback._unwrap(optimizer)
+            supports.append({name: (inner.state[m.get_base_layer().weight]["sparsegrad"].indices.clone(),
+                                    inner.state[m.get_base_layer().weight]["sparsegrad"].selected_at)
+                             for name, m in layers(periodic).items()})
 
     data = Dataset.from_dict({k: v.tolist() for k, v in tensors(32, seed=0).items()})
-    Trainer(model=periodic, args=args, train_dataset=data, callbacks=[RecordHints(), SparseGradCallback()]).train()
+    Trainer(model=periodic, args=args, train_dataset=data, callbacks=[RecordSupports(), SparseGradCallback()]).train()
     torch.save({
-        "periodic_deltas": {name: m.sparsegrad_delta["default"].detach().clone() for name, m in layers(periodic).items()},
-        "periodic_hinted": hinted,
+        "periodic_deltas": deltas_of(periodic),
+        "periodic_weights": weights_of(periodic),
+        "periodic_bases": {name: (m.sparsegrad_bases["default"].U_out.clone(), m.sparsegrad_bases["default"].U_in.clone())
+                           for name, m in layers(periodic).items()},
+        "periodic_supports": supports,
+        "base_weights": base_weights(),
         "rank": rank,
         "world_size": args.world_size,
         "wrapped": type(trainer.model_wrapped).__name__,
         "initial": initial,
-        "deltas": {name: m.sparsegrad_delta["default"].detach().clone() for name, m in layers(model).items()},
+        "deltas": deltas_of(model),
+        "weights": weights_of(model),
+        "layer_bases": {name: (m.sparsegrad_bases["default"].U_out.clone(), m.sparsegrad_bases["default"].U_in.clone())
+                        for name, m in layers(model).items()},
         "classifier": [head.weight.detach().clone(), head.bias.detach().clone()],
         "bases": bases_of(model),
         "local_bases": local_bases,

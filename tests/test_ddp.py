@@ -57,6 +57,14 @@ def test_ddp_bases_identical_and_all_reduced(ranks):
         assert not torch.allclose(u_out.abs(), local0.abs(), atol=1e-3)
 
 
+def _assert_weights_consistent(result, weights_key: str, deltas_key: str, bases_key: str) -> None:
+    """W == W₀ + U_out ΔW' U_inᵀ on a rank, W₀ from a base model built apart from the adapted one."""
+    for name, w in result[weights_key].items():
+        u_out, u_in = result[bases_key][name]
+        expected = result["base_weights"][name] + u_out @ result[deltas_key][name] @ u_in.T
+        torch.testing.assert_close(w, expected, atol=1e-5, rtol=0, msg=name)
+
+
 def test_ddp_adapters_identical_and_trained(ranks):
     r0, r1 = ranks
     assert r0["deltas"].keys() == r1["deltas"].keys() and len(r0["deltas"]) == 4
@@ -64,6 +72,11 @@ def test_ddp_adapters_identical_and_trained(ranks):
         torch.testing.assert_close(r1["deltas"][name], delta, atol=0, rtol=0)
         torch.testing.assert_close(r0["initial"][name], r1["initial"][name], atol=0, rtol=0)
         assert not torch.equal(delta, r0["initial"][name])
+        # the weights trained in place (what the all-reduced W.grad updated) agree bit for bit as well
+        torch.testing.assert_close(r1["weights"][name], r0["weights"][name], atol=0, rtol=0)
+        assert not torch.equal(r0["weights"][name], r0["base_weights"][name])
+    for result in ranks:
+        _assert_weights_consistent(result, "weights", "deltas", "layer_bases")
     for a, b in zip(r0["classifier"], r1["classifier"]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     logged = [h for h in r0["log_history"] if "loss" in h]
@@ -79,10 +92,24 @@ def test_ddp_does_not_broadcast_bases(ranks):
 
 
 def test_ddp_periodic_selection_keeps_ranks_identical(ranks):
-    """selection="periodic" (refresh every 2 steps): steps 2 and 4 compute gradients on the fixed supports only, and
-    the ranks still end with identical adapters."""
+    """selection="periodic" (refresh every 2 steps): steps 2 and 4 train on the supports fixed at steps 1 and 3
+    (chosen from the all-reduced gradient), which are the same on both ranks, and the ranks end with identical
+    adapters and weights."""
     r0, r1 = ranks
-    assert r0["periodic_hinted"] == r1["periodic_hinted"] == [False, True, False, True]
+    s0, s1 = r0["periodic_supports"], r1["periodic_supports"]
+    assert len(s0) == len(s1) == 4
+    for step0, step1 in zip(s0, s1):
+        assert step0.keys() == step1.keys() and len(step0) == 4
+        for name, (idx, selected_at) in step0.items():
+            assert torch.equal(step1[name][0], idx) and step1[name][1] == selected_at
+            assert idx.dtype == torch.int32
+    assert [s0[t][name][1] for t in range(4) for name in list(s0[0])[:1]] == [0, 0, 2, 2]
+    for name in s0[0]:
+        assert torch.equal(s0[1][name][0], s0[0][name][0]) and torch.equal(s0[3][name][0], s0[2][name][0])
+    assert any(not torch.equal(s0[2][name][0], s0[0][name][0]) for name in s0[0])  # the refresh at step 3 acted
     for name, delta in r0["periodic_deltas"].items():
         assert torch.count_nonzero(delta) > 0
         torch.testing.assert_close(r1["periodic_deltas"][name], delta, atol=0, rtol=0)
+        torch.testing.assert_close(r1["periodic_weights"][name], r0["periodic_weights"][name], atol=0, rtol=0)
+    for result in ranks:
+        _assert_weights_consistent(result, "periodic_weights", "periodic_deltas", "periodic_bases")
