@@ -1095,6 +1095,13 @@ def state_table(runs: list[dict], keep_ratio: float = 0.01, lora_rank: int = 32,
             "galore": (sum(o * i * s_p + 2 * galore_r * max(o, i) * s_p + galore_r * min(o, i) * s_p for o, i in sh),
                        f"per layer: dense grad out·in·{s_p} B + 2 projected moments r·max(out, in)·{s_p} B + projection "
                        f"r·min(out, in)·{s_p} B, r = {galore_r}"),
+            # galore-torch slices its projection out of the full SVD factor; in fp32 the slice stays a view that
+            # keeps the whole min(out, in)² factor alive (in bf16 the cast back to the weight dtype copies it)
+            **({"galore (galore-torch 1.0 as measured)": (
+                sum(o * i * s_p + 2 * galore_r * max(o, i) * s_p + min(o, i) ** 2 * 4 for o, i in sh),
+                "as galore above, but the projection keeps the full float32 SVD factor min(out, in)² alive "
+                "(galore-torch keeps Vh[:r] / U[:, :r] as a view; only in fp32, where no dtype cast copies it)")}
+               if dtype == "fp32" else {}),
         }
 
     out: dict[str, Any] = {"keep_ratio": keep_ratio, "lora_rank": lora_rank, "galore_rank": galore_rank,
@@ -1135,8 +1142,8 @@ def state_table(runs: list[dict], keep_ratio: float = 0.01, lora_rank: int = 32,
                                           if b7 else " (identity bases: none)"))}
                 entry["rows"][case] = {"blocks": blocks, "adapted_weights": w, "sum_k": sum_k, "methods": rows}
             for m, (b, how) in small_f.items():
-                if m in ok:
-                    measured = ok[m]["live"]["extra_bytes"]
+                if m.split(" ")[0] in ok:
+                    measured = ok[m.split(" ")[0]]["live"]["extra_bytes"]
                     entry["check"][m] = {"formula_bytes": b, "measured_bytes": measured,
                                          "measured_over_formula": measured / b if b else None,
                                          "rank": any_r["lora_rank"] if m != "full" else None}
