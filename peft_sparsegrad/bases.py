@@ -97,7 +97,8 @@ class BasisPair:
         Only the rows R and columns C that S occupies matter: the cheaper side is rotated densely against U[:, C] (or
         U[:, R]) and the other is sampled at S (``torch.sparse.sampled_addmm``): cost out · in · min(|R|, |C|) + k · max(out,
         in) instead of out · in · (out + in) for the full rotation; rotated gradients concentrate on leading basis
-        vectors, so |R|, |C| are often far below out, in.
+        vectors, so |R|, |C| are often far below out, in. The gathered columns of U are kept on ``support`` for the
+        ``unrotate_at`` of the same step.
         """
         if self.is_identity:
             return grad.reshape(-1).index_select(0, support.flat).float()
@@ -106,10 +107,36 @@ class BasisPair:
         rows, cols, pattern = support.block()
         # the dense product in ``dtype``; the sampling (k · max(out, in)) in float32, all sampled_addmm supports
         if cols.numel() <= rows.numel():  # (U_out[:, R]ᵀ · (G U_in[:, C]))[S]
-            mat1, mat2 = self.U_out[:, rows].T, (grad @ u_in[:, cols]).float()
+            u_in_c, u_out_r_t = u_in[:, cols], self.U_out.T[rows]  # (in, |C|) in dtype, (|R|, out) float32
+            support.factors = (u_in_c, u_out_r_t)
+            mat1, mat2 = u_out_r_t, (grad @ u_in_c).float()
         else:  # ((U_out[:, R]ᵀ G) · U_in[:, C])[S]
-            mat1, mat2 = (u_out[:, rows].T @ grad).float(), self.U_in[:, cols]
+            u_out_r, u_in_c = u_out[:, rows], self.U_in[:, cols]  # (out, |R|) in dtype, (in, |C|) float32
+            support.factors = (u_out_r, u_in_c)
+            mat1, mat2 = (u_out_r.T @ grad).float(), u_in_c
         return torch.sparse.sampled_addmm(pattern, mat1, mat2, beta=0.0).values()
+
+    def unrotate_at(self, values: torch.Tensor, support: "Support", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """U_out · δ · U_inᵀ (dense out × in, float32) for δ = ``values`` on ``support`` (in its order), reusing the
+        columns of U that ``rotate_at`` gathered for it this step: cost out · |R| · |C| + out · in · min(|R|, |C|)."""
+        if self.is_identity or getattr(support, "factors", None) is None:
+            return self.unrotate_sparse(support.flat, values, support.shape, dtype)
+        rows, cols, pattern = support.block()
+        row_pos = torch.repeat_interleave(torch.arange(rows.numel(), device=values.device),
+                                          pattern.crow_indices().diff())
+        # δ as a dense |R| × |C| block: dense GEMMs beat CPU sparse × dense kernels at these densities
+        block = torch.zeros(rows.numel(), cols.numel(), dtype=torch.float32, device=values.device)
+        block[row_pos, pattern.col_indices()] = values.float()
+        if cols.numel() <= rows.numel():
+            u_in_c, u_out_r_t = support.factors
+            n_mat = u_out_r_t.T.to(u_in_c.dtype) @ block.to(u_in_c.dtype)  # U_out[:, R] δ_block: out × |C|
+            change = n_mat @ u_in_c.T
+        else:
+            u_out_r, u_in_c = support.factors
+            m_mat = block.to(u_out_r.dtype) @ u_in_c.T.to(u_out_r.dtype)  # δ_block U_in[:, C]ᵀ: |R| × in
+            change = u_out_r @ m_mat
+        support.factors = None  # one step's scratch
+        return change.float()
 
     def unrotate_sparse(self, flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
                         dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -136,7 +163,8 @@ class BasisPair:
             u_in = self.cast(dtype)[1]
             return (n_mat.T.to(u_in.dtype) @ u_in[:, used_cols].T).float()
         # M = δ U_inᵀ (out × in): non-zero rows only at R; ΔW = U_out[:, R] M[R]
-        delta = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n_out, n_in), check_invariants=False)
+        delta = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n_out, n_in), check_invariants=False,
+                                        is_coalesced=bool((flat[1:] > flat[:-1]).all()))  # sorted unique: coalesced
         m_mat = torch.sparse.mm(delta, self.U_in.T)[used_rows]
         u_out = self.cast(dtype)[0]
         return (u_out[:, used_rows] @ m_mat.to(u_out.dtype)).float()
@@ -183,6 +211,8 @@ class Support:
     shape: tuple[int, int]  # (out, in)
     selected_at: int
     _block: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
+    factors: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)  # rotate_at -> unrotate_at
+    positions: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)  # (ΔW' flat, positions)
 
     def block(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(R, C, pattern): the rows and columns S occupies (sorted) and S as a float32 CSR pattern of the |R| × |C|

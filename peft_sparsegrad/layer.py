@@ -191,9 +191,9 @@ class SparseGradLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def apply_change(self, adapter_name: str, flat: torch.Tensor, change: torch.Tensor,
-                     positions: Optional[torch.Tensor] = None) -> None:
+                     positions: Optional[torch.Tensor] = None, support: Optional[Any] = None) -> None:
         """ΔW'[flat] += change (flat: sorted int64 indices already in the support, at ``positions`` of it if known)
-        and W += U_out δ U_inᵀ.
+        and W += U_out δ U_inᵀ (``support``: δ is on this periodic Support, in its order).
 
         What every optimizer update ends with: δ is sparse (k entries, or the support), so U_out δ U_inᵀ touches only
         the rows/columns of U that δ occupies (``BasisPair.unrotate_sparse``); with U = I (MeProp) only those entries
@@ -202,7 +202,11 @@ class SparseGradLayer(BaseTunerLayer):
         delta = self.delta(adapter_name)
         delta.values.index_add_(0, delta.positions(flat) if positions is None else positions, change.float())
         if adapter_name in self._applied:
-            self._add_sparse_to_weight(self.pair(adapter_name), flat, change.float())
+            pair = self.pair(adapter_name)
+            if support is not None and not pair.is_identity:  # periodic: δ on the fixed support S
+                self._add_dense_to_weight(pair.unrotate_at(change, support, self.compute_dtype()))
+            else:
+                self._add_sparse_to_weight(pair, flat, change.float())
 
     @torch.no_grad()
     def set_delta(self, adapter_name: str, new: SparseDelta) -> None:

@@ -315,8 +315,10 @@ def _periodic_step(layer: SparseGradLayer, adapter: str, g_w: torch.Tensor, st: 
         g_sel = pair.rotate_at(g_w, support, layer.compute_dtype())
         overlap = torch.ones((), device=idx.device)
     kept_energy = _energy_share(g_sel, total)
-    delta.grow(idx)
-    pos = delta.positions(idx)
+    if support.positions is None or support.positions[0] is not delta.flat:  # S in ΔW''s support, once per S
+        delta.grow(idx)
+        support.positions = (delta.flat, delta.positions(idx))
+    pos = support.positions[1]
     p_old = delta.values.index_select(0, pos)
     if mode == "sgd":
         d_p = g_sel.add(p_old, alpha=weight_decay) if weight_decay != 0 else g_sel
@@ -326,7 +328,7 @@ def _periodic_step(layer: SparseGradLayer, adapter: str, g_w: torch.Tensor, st: 
         _adamw_update(p_new, g_sel, st.exp_avg, st.exp_avg_sq, t, lr=lr, betas=betas, eps=eps,
                       weight_decay=weight_decay)
         change = p_new.sub_(p_old)
-    layer.apply_change(adapter, idx, change, positions=pos)
+    layer.apply_change(adapter, idx, change, positions=pos, support=support)
     return kept_energy, overlap, idx.numel()
 
 
