@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import transformers
 import torch
 from safetensors import safe_open
 
@@ -188,3 +189,49 @@ def test_trl_sft_trainer_trains_a_sparsegrad_adapter(tok, tmp_path):
     assert saved["peft_type"] == "SPARSEGRAD" and saved["task_type"] == "CAUSAL_LM"
     with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
         assert sum(f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("sparsegrad_values")) == nnz
+
+
+def test_trl_sft_trainer_calibrates_on_its_own_batches(tok, tmp_path):
+    """Neither calibration_dataloader nor bases: SparseGradCallback calibrates on the SFTTrainer's first batches
+    (its own tokenization, collator and label masking) when training begins; the model is untouched until then."""
+    import datasets
+    from peft import get_peft_model
+    from trl import SFTConfig, SFTTrainer
+
+    from peft_sparsegrad import SparseGradCallback, SparseGradConfig
+
+    torch.manual_seed(0)
+    model = tiny_llama(len(tok))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = SparseGradConfig(task_type="CAUSAL_LM", target_modules=["up_proj", "down_proj"], keep_ratio=0.05,
+                              calibration_steps=2)
+    peft_model = get_peft_model(model, config)
+    layers = {n: m for n, m in peft_model.named_modules() if hasattr(m, "sparsegrad_bases")}
+    assert layers and all(m.sparsegrad_bases["default"] is None for m in layers.values())  # pending
+    seen = []
+
+    class Spy(transformers.TrainerCallback):  # records the bases and weights the first training step starts from
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if not seen:
+                seen.append({n: m.get_base_layer().weight.detach().clone() for n, m in layers.items()})
+
+    train_ds = datasets.Dataset.from_list([{"messages": r["messages"]} for r in chat_rows(16)])
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=3,
+                     learning_rate=1e-2, max_length=64, report_to=[], save_strategy="no", use_cpu=True,
+                     disable_tqdm=True, seed=0)
+    trainer = SFTTrainer(model=peft_model, train_dataset=train_ds, args=args, processing_class=tok,
+                         callbacks=[SparseGradCallback(), Spy()])
+    trainer.train()
+    assert trainer.state.global_step == 3
+    for name, layer in layers.items():
+        pair = layer.sparsegrad_bases["default"]
+        assert pair is not None and not pair.is_identity, name
+        eye = torch.eye(pair.U_out.shape[0])
+        torch.testing.assert_close(pair.U_out.T @ pair.U_out, eye, atol=1e-4, rtol=0)
+        # calibration changed no weight: the first step started from the base model's weights
+        key = name.removeprefix("base_model.model.") + ".weight"
+        assert torch.equal(seen[0][name], weights[key]), name
+        assert layer.sparsegrad_delta["default"].nnz > 0, name  # and training moved ΔW'
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
+        assert any(".U_out" in k for k in f.keys())  # the calibrated bases are saved with the adapter
