@@ -16,10 +16,12 @@ from .registration import SPARSEGRAD, register_sparsegrad  # noqa: E402  (after 
 from .config import SparseGradConfig
 from .bases import BasisPair, SparseGradBases, load_bases, save_bases
 from .calibration import calibrate
+from .delta import SparseDelta
 from .layer import SparseGradLayer, SparseGradLinear
 from .model import SparseGradModel
-from .optim import SparseGradOptimizer, create_sparsegrad_optimizer, sparse_step
+from .optim import SparseGradOptimizer, SparseState, create_sparsegrad_optimizer, sparse_step
 from .callback import SparseGradCallback
+from .models import smollm2_path
 
 register_sparsegrad(SparseGradConfig, SparseGradModel)
 
@@ -29,15 +31,18 @@ __all__ = [
     "SPARSEGRAD",
     "BasisPair",
     "SparseGradBases",
+    "SparseDelta",
     "SparseGradConfig",
     "SparseGradLayer",
     "SparseGradLinear",
     "SparseGradModel",
     "SparseGradOptimizer",
+    "SparseState",
     "SparseGradCallback",
     "create_sparsegrad_optimizer",
     "sparse_step",
     "calibrate",
     "load_bases",
     "save_bases",
+    "smollm2_path",
 ]
