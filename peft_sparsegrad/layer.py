@@ -237,6 +237,7 @@ class SparseGradLayer(BaseTunerLayer):
         w = self._weight_out_in().detach().to(torch.float32, copy=True)
         return w if self._residual is None else w.add_(self._residual.float())
 
+    @torch.no_grad()
     def _add_dense_to_weight(self, change: torch.Tensor) -> None:
         """W += change (float32, out × in), with compensated summation for half-precision W."""
         w = self._weight_out_in()
@@ -249,6 +250,7 @@ class SparseGradLayer(BaseTunerLayer):
             self._residual = torch.empty_like(w)
         self._residual.copy_(total.sub_(w.float()))
 
+    @torch.no_grad()
     def _add_sparse_to_weight(self, pair: BasisPair, flat: torch.Tensor, change: torch.Tensor) -> None:
         if not pair.is_identity:
             self._add_dense_to_weight(pair.unrotate_sparse(flat, change, (self.out_features, self.in_features),
@@ -270,6 +272,7 @@ class SparseGradLayer(BaseTunerLayer):
         storage.index_copy_(0, flat, total.to(storage.dtype))
         residual.index_copy_(0, flat, (total - storage.index_select(0, flat).float()).to(residual.dtype))
 
+    @torch.no_grad()
     def _add_adapter(self, adapter_name: str, sign: float) -> None:
         """W += sign · U_out ΔW' U_inᵀ for one adapter."""
         delta = self.delta(adapter_name)
