@@ -74,14 +74,19 @@ class BasisPair:
         return self
 
     def cast(self, dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U_out, U_in) in ``dtype`` (float32 if None), cached: the bases stay float32, the products of a bf16 model's
-        training step run at its precision (bf16 GEMMs are several times faster; the gradient is bf16 anyway)."""
+        """(U_out, U_in) in ``dtype`` (float32 if None), cached until ``release_cast``: the bases stay float32, the
+        products of a bf16 model's training step run at its precision (bf16 GEMMs are several times faster; the
+        gradient is bf16 anyway). The optimizer releases the copies after each step, so all layers of a type share
+        one cast per step and no copy stays alive between steps."""
         if dtype is None or dtype == torch.float32:
             return self.U_out, self.U_in
         cache = self.__dict__.setdefault("_cast", {})
         if dtype not in cache or cache[dtype][0].device != self.U_out.device:
             cache[dtype] = (self.U_out.to(dtype), self.U_in.to(dtype))
         return cache[dtype]
+
+    def release_cast(self) -> None:
+        self.__dict__.pop("_cast", None)
 
     def rotate(self, grad: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """U_outᵀ · grad · U_in: the gradient of W' from the gradient of W (both out × in), computed in ``dtype``

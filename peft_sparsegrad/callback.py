@@ -30,7 +30,7 @@ import torch
 from transformers import TrainerCallback
 
 from .layer import OWNER_ATTR, ROUTED_ATTR
-from .optim import SPARSE_MODES, SparseGradOptimizer, _sparse_step_impl, sparsegrad_parameters
+from .optim import SPARSE_MODES, SparseGradOptimizer, _sparse_step_impl, release_step_caches, sparsegrad_parameters
 
 
 def _unwrap(optimizer: Any) -> Any:
@@ -114,6 +114,7 @@ class SparseGradCallback(TrainerCallback):
             param.grad = None  # the Trainer's optimizer skips parameters without a gradient
             if self.log_statistics:
                 self._stats.append(torch.stack([kept_energy.float(), overlap.float()]))
+        release_step_caches(param for param, _, _ in self._routes)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self._delegated is not None and self.log_statistics and self._delegated.last_stats:

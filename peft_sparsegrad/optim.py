@@ -332,6 +332,16 @@ def _periodic_step(layer: SparseGradLayer, adapter: str, g_w: torch.Tensor, st: 
     return kept_energy, overlap, idx.numel()
 
 
+def release_step_caches(params: Iterable[torch.Tensor]) -> None:
+    """Free what one step's layers shared (low-precision copies of the bases): nothing step-local stays alive."""
+    for p in params:
+        layer = getattr(p, OWNER_ATTR, None)
+        if layer is not None:
+            for pair in layer.sparsegrad_bases.values():
+                if pair is not None:
+                    pair.release_cast()
+
+
 def _owner(param: torch.Tensor) -> tuple[SparseGradLayer, Optional[str]]:
     layer = getattr(param, OWNER_ATTR, None)
     if layer is None:
@@ -497,6 +507,7 @@ class SparseGradOptimizer(torch.optim.Optimizer):
                     _adamw_dense(p, p.grad, self.state[p], lr=lr, betas=betas, eps=group["eps"],
                                  weight_decay=group["weight_decay"])
 
+        release_step_caches(g["params"][0] for g in self.param_groups if "sparsegrad_k" in g)
         if energies:
             ke_mean, ov_mean = torch.stack([torch.stack(energies).mean(),
                                             torch.stack(overlaps).mean()]).tolist()  # one sync
