@@ -128,7 +128,15 @@ def main(out_dir: str) -> None:
 
     data = Dataset.from_dict({k: v.tolist() for k, v in tensors(32, seed=0).items()})
     Trainer(model=periodic, args=args, train_dataset=data, callbacks=[RecordSupports(), SparseGradCallback()]).train()
+    # 4. no calibration data and no bases: SparseGradCallback calibrates on each rank's shard of the Trainer's own
+    # dataloader when training begins; the all-reduced Gram sums must give both ranks the same bases
+    pending = get_peft_model(base_model(), SparseGradConfig(calibration_steps=2, task_type="SEQ_CLS",
+                                                            modules_to_save=["classifier"], keep_ratio=0.05))
+    assert all(m.sparsegrad_bases["default"] is None for m in layers(pending).values())
+    Trainer(model=pending, args=args, train_dataset=data, callbacks=[SparseGradCallback()]).train()
     torch.save({
+        "pending_bases": bases_of(pending),
+        "pending_deltas": deltas_of(pending),
         "periodic_deltas": deltas_of(periodic),
         "periodic_weights": weights_of(periodic),
         "periodic_bases": {name: (m.sparsegrad_bases["default"].U_out.clone(), m.sparsegrad_bases["default"].U_in.clone())

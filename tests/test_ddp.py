@@ -113,3 +113,16 @@ def test_ddp_periodic_selection_keeps_ranks_identical(ranks):
         torch.testing.assert_close(r1["periodic_weights"][name], r0["periodic_weights"][name], atol=0, rtol=0)
     for result in ranks:
         _assert_weights_consistent(result, "periodic_weights", "periodic_deltas", "periodic_bases")
+
+
+def test_ddp_trainer_data_calibration_gives_identical_bases(ranks):
+    """Pending bases calibrated by SparseGradCallback on each rank's own shard: all-reduced, hence identical."""
+    a, b = ranks
+    assert a["pending_bases"].keys() == b["pending_bases"].keys() and a["pending_bases"]
+    for layer_type, (u_out, u_in) in a["pending_bases"].items():
+        assert torch.equal(u_out, b["pending_bases"][layer_type][0]), layer_type
+        assert torch.equal(u_in, b["pending_bases"][layer_type][1]), layer_type
+        torch.testing.assert_close(u_out.T @ u_out, torch.eye(u_out.shape[0]), atol=1e-4, rtol=0)
+    for name, delta in a["pending_deltas"].items():
+        assert torch.equal(delta, b["pending_deltas"][name]), name
+        assert delta.abs().sum() > 0, name
