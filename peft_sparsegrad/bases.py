@@ -128,10 +128,10 @@ class BasisPair:
             return self.unrotate_sparse(support.flat, values, support.shape, dtype)
         rows, cols, pattern = support.block()
         row_pos = torch.repeat_interleave(torch.arange(rows.numel(), device=values.device),
-                                          pattern.crow_indices().diff())
+                                          pattern.crow_indices().diff().long())
         # δ as a dense |R| × |C| block: dense GEMMs beat CPU sparse × dense kernels at these densities
         block = torch.zeros(rows.numel(), cols.numel(), dtype=torch.float32, device=values.device)
-        block[row_pos, pattern.col_indices()] = values.float()
+        block[row_pos, pattern.col_indices().long()] = values.float()
         if cols.numel() <= rows.numel():
             u_in_c, u_out_r_t = support.factors
             n_mat = u_out_r_t.T.to(u_in_c.dtype) @ block.to(u_in_c.dtype)  # U_out[:, R] δ_block: out × |C|
@@ -212,7 +212,7 @@ class Support:
     gradient only there (``BasisPair.rotate_at``). ``selected_at`` is the optimizer step that chose it.
     """
 
-    flat: torch.Tensor  # (k,) int64, sorted ascending, unique
+    flat: torch.Tensor  # (k,) int32 or int64, sorted ascending, unique
     shape: tuple[int, int]  # (out, in)
     selected_at: int
     _block: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
@@ -226,13 +226,14 @@ class Support:
             n_in = self.shape[1]
             rows, row_pos = torch.unique(self.flat.div(n_in, rounding_mode="floor"), return_inverse=True)
             cols, col_pos = torch.unique(self.flat.remainder(n_in), return_inverse=True)
-            crow = torch.zeros(rows.numel() + 1, dtype=torch.long, device=self.flat.device)
+            # int32 CSR indices (k entries each): the pattern stays alive between refreshes
+            crow = torch.zeros(rows.numel() + 1, dtype=torch.int32, device=self.flat.device)
             crow[1:] = torch.bincount(row_pos, minlength=rows.numel()).cumsum(0)
             values = torch.zeros(self.flat.numel(), dtype=torch.float32, device=self.flat.device)
             with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm on CSR is what we need
                 warnings.simplefilter("ignore", UserWarning)
-                pattern = torch.sparse_csr_tensor(crow, col_pos, values, size=(rows.numel(), cols.numel()),
-                                                  check_invariants=False)
+                pattern = torch.sparse_csr_tensor(crow, col_pos.to(torch.int32), values,
+                                                  size=(rows.numel(), cols.numel()), check_invariants=False)
             self._block = (rows, cols, pattern)
         return self._block
 

@@ -257,6 +257,7 @@ class SparseGradLayer(BaseTunerLayer):
                                                            self.compute_dtype()))
             return
         # MeProp: δ is in the original basis, only entries `flat` of W change
+        flat = flat.long()
         w = self._weight_out_in()
         if self.is_conv1d:  # storage is in × out: entry (r, c) of W sits at c · out + r
             rows, cols = flat.div(self.in_features, rounding_mode="floor"), flat.remainder(self.in_features)

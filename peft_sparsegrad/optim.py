@@ -304,12 +304,12 @@ def _periodic_step(layer: SparseGradLayer, adapter: str, g_w: torch.Tensor, st: 
                 v.index_copy_(0, where, st.exp_avg_sq[stay])
             st.exp_avg, st.exp_avg_sq = m, v
         st.indices, st.selected_at = idx.to(torch.int32), t - 1
-        support = Support(idx, shape, t - 1)
+        support = Support(st.indices, shape, t - 1)  # shares the int32 indices with the state
         layer.sparsegrad_support_cache[adapter] = support
     else:
         support = layer.sparsegrad_support_cache.get(adapter)
         if support is None or support.selected_at != st.selected_at or support.flat.device != g_w.device:
-            support = Support(st.indices.long(), shape, st.selected_at)  # e.g. after resume
+            support = Support(st.indices, shape, st.selected_at)  # e.g. after resume
             layer.sparsegrad_support_cache[adapter] = support
         idx = support.flat
         g_sel = pair.rotate_at(g_w, support, layer.compute_dtype())
@@ -317,7 +317,7 @@ def _periodic_step(layer: SparseGradLayer, adapter: str, g_w: torch.Tensor, st: 
     kept_energy = _energy_share(g_sel, total)
     if support.positions is None or support.positions[0] is not delta.flat:  # S in ΔW''s support, once per S
         delta.grow(idx)
-        support.positions = (delta.flat, delta.positions(idx))
+        support.positions = (delta.flat, delta.positions(idx).to(torch.int32))
     pos = support.positions[1]
     p_old = delta.values.index_select(0, pos)
     if mode == "sgd":
