@@ -122,7 +122,7 @@ class BasisPair:
         return torch.sparse.sampled_addmm(pattern, mat1, mat2, beta=0.0).values()
 
     def unrotate_at(self, values: torch.Tensor, support: "Support", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """U_out · δ · U_inᵀ (dense out × in, float32) for δ = ``values`` on ``support`` (in its order), reusing the
+        """U_out · δ · U_inᵀ (dense out × in, in ``dtype``) for δ = ``values`` on ``support`` (in its order), reusing the
         columns of U that ``rotate_at`` gathered for it this step: cost out · |R| · |C| + out · in · min(|R|, |C|)."""
         if self.is_identity or getattr(support, "factors", None) is None:
             return self.unrotate_sparse(support.flat, values, support.shape, dtype)
@@ -141,7 +141,7 @@ class BasisPair:
             m_mat = block.to(u_out_r.dtype) @ u_in_c.T.to(u_out_r.dtype)  # δ_block U_in[:, C]ᵀ: |R| × in
             change = u_out_r @ m_mat
         support.factors = None  # one step's scratch
-        return change.float()
+        return change  # in the compute dtype: the weight update adds it in float32
 
     def unrotate_sparse(self, flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
                         dtype: Optional[torch.dtype] = None) -> torch.Tensor:

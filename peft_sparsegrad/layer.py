@@ -235,20 +235,21 @@ class SparseGradLayer(BaseTunerLayer):
     def _true_weight(self) -> torch.Tensor:
         """W (+ residual) in float32, out × in: what W represents (always a new tensor)."""
         w = self._weight_out_in().detach().to(torch.float32, copy=True)
-        return w if self._residual is None else w.add_(self._residual.float())
+        return w if self._residual is None else w.add_(self._residual)  # promotes in the kernel: no temporary
 
     @torch.no_grad()
     def _add_dense_to_weight(self, change: torch.Tensor) -> None:
-        """W += change (float32, out × in), with compensated summation for half-precision W."""
+        """W += change (out × in, float32 or the compute dtype), with compensated summation for half-precision W:
+        total = W + residual + change in float32, W = round(total), residual = total - W."""
         w = self._weight_out_in()
         if not self._is_half():
-            w.add_(change.to(w.dtype))
+            w.add_(change)
             return
         total = self._true_weight().add_(change)
         w.copy_(total)
         if self._residual is None:
             self._residual = torch.empty_like(w)
-        self._residual.copy_(total.sub_(w.float()))
+        self._residual.copy_(total.sub_(w))
 
     @torch.no_grad()
     def _add_sparse_to_weight(self, pair: BasisPair, flat: torch.Tensor, change: torch.Tensor) -> None:
