@@ -215,27 +215,29 @@ class Support:
     flat: torch.Tensor  # (k,) int32 or int64, sorted ascending, unique
     shape: tuple[int, int]  # (out, in)
     selected_at: int
-    _block: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
+    _block: Optional[tuple[torch.Tensor, ...]] = field(default=None, repr=False)
     factors: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)  # rotate_at -> unrotate_at
-    positions: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)  # (ΔW' flat, positions)
 
     def block(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(R, C, pattern): the rows and columns S occupies (sorted) and S as a float32 CSR pattern of the |R| × |C|
-        block (zero values; the mask of ``torch.sparse.sampled_addmm``). Row-major CSR order = the order of ``flat``."""
-        if self._block is None or self._block[2].device != self.flat.device:
+        block (zero values; the mask of ``torch.sparse.sampled_addmm``). Row-major CSR order = the order of ``flat``.
+
+        Only the int32 row pointers and column indices are kept between refreshes (4 bytes per entry); the pattern's
+        values are a new zero vector per call."""
+        if self._block is None or self._block[0].device != self.flat.device:
             n_in = self.shape[1]
             rows, row_pos = torch.unique(self.flat.div(n_in, rounding_mode="floor"), return_inverse=True)
             cols, col_pos = torch.unique(self.flat.remainder(n_in), return_inverse=True)
-            # int32 CSR indices (k entries each): the pattern stays alive between refreshes
             crow = torch.zeros(rows.numel() + 1, dtype=torch.int32, device=self.flat.device)
             crow[1:] = torch.bincount(row_pos, minlength=rows.numel()).cumsum(0)
-            values = torch.zeros(self.flat.numel(), dtype=torch.float32, device=self.flat.device)
-            with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm on CSR is what we need
-                warnings.simplefilter("ignore", UserWarning)
-                pattern = torch.sparse_csr_tensor(crow, col_pos.to(torch.int32), values,
-                                                  size=(rows.numel(), cols.numel()), check_invariants=False)
-            self._block = (rows, cols, pattern)
-        return self._block
+            self._block = (rows, cols, crow, col_pos.to(torch.int32))
+        rows, cols, crow, col = self._block
+        values = torch.zeros(col.numel(), dtype=torch.float32, device=col.device)
+        with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm on CSR is what we need
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(crow, col, values, size=(rows.numel(), cols.numel()),
+                                              check_invariants=False)
+        return rows, cols, pattern
 
 
 @dataclass

@@ -315,10 +315,8 @@ def _periodic_step(layer: SparseGradLayer, adapter: str, g_w: torch.Tensor, st: 
         g_sel = pair.rotate_at(g_w, support, layer.compute_dtype())
         overlap = torch.ones((), device=idx.device)
     kept_energy = _energy_share(g_sel, total)
-    if support.positions is None or support.positions[0] is not delta.flat:  # S in ΔW''s support, once per S
-        delta.grow(idx)
-        support.positions = (delta.flat, delta.positions(idx).to(torch.int32))
-    pos = support.positions[1]
+    delta.grow(idx)  # a no-op between refreshes
+    pos = delta.positions(idx)  # recomputed (O(k log n)) rather than kept: 8 bytes per entry less between steps
     p_old = delta.values.index_select(0, pos)
     if mode == "sgd":
         d_p = g_sel.add(p_old, alpha=weight_decay) if weight_decay != 0 else g_sel
