@@ -109,6 +109,16 @@ class BasisPair:
             return grad.reshape(-1).index_select(0, support.flat).float()
         u_out, u_in = self.cast(dtype)
         grad = grad.to(u_out.dtype)
+        support.factors = None
+        if not support.use_block():
+            # S spreads over most rows and columns: no gathers, sample the full-size product (the sparse unrotation
+            # of ``unrotate_at`` follows); cost out · in · min(out, in) + k · max(out, in)
+            n_out, n_in = grad.shape
+            if n_in <= n_out:  # (U_outᵀ · (G U_in))[S]
+                mat1, mat2 = self.U_out.T, (grad @ u_in).float()
+            else:  # ((U_outᵀ G) · U_in)[S]
+                mat1, mat2 = (u_out.T @ grad).float(), self.U_in
+            return torch.sparse.sampled_addmm(support.pattern(), mat1, mat2, beta=0.0).values()
         rows, cols, pattern = support.block()
         # the dense product in ``dtype``; the sampling (k · max(out, in)) in float32, all sampled_addmm supports
         if cols.numel() <= rows.numel():  # (U_out[:, R]ᵀ · (G U_in[:, C]))[S]
@@ -216,7 +226,29 @@ class Support:
     shape: tuple[int, int]  # (out, in)
     selected_at: int
     _block: Optional[tuple[torch.Tensor, ...]] = field(default=None, repr=False)
+    _full: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
     factors: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)  # rotate_at -> unrotate_at
+
+    #: Block products (gathered columns of U, dense |R| × |C| δ) pay off while S fills at least 1/BLOCK_FILL of the
+    #: |R| × |C| block; sparser, the full-size sampling and the sparse × dense unrotation are cheaper (measured on CPU).
+    BLOCK_FILL = 32
+
+    def use_block(self) -> bool:
+        rows, cols = self.block()[:2]
+        return rows.numel() * cols.numel() <= self.BLOCK_FILL * self.flat.numel()
+
+    def pattern(self) -> torch.Tensor:
+        """S as a float32 CSR pattern of the full out × in matrix (int32 indices kept; values made per call)."""
+        if self._full is None or self._full[0].device != self.flat.device:
+            n_out, n_in = self.shape
+            crow = torch.zeros(n_out + 1, dtype=torch.int32, device=self.flat.device)
+            crow[1:] = torch.bincount(self.flat.div(n_in, rounding_mode="floor").long(), minlength=n_out).cumsum(0)
+            self._full = (crow, self.flat.remainder(n_in).to(torch.int32))
+        crow, col = self._full
+        values = torch.zeros(col.numel(), dtype=torch.float32, device=col.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(crow, col, values, size=self.shape, check_invariants=False)
 
     def block(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(R, C, pattern): the rows and columns S occupies (sorted) and S as a float32 CSR pattern of the |R| × |C|

@@ -264,22 +264,27 @@ def test_layer_forward_and_gradients_exact(which, support):
     assert (rotated_grad(layer) - wrong).abs().max() > 1e-2
 
 
-def test_sparse_rotations_match_dense_products():
-    """rotate_at (g[S] on the block of S's rows/columns) and unrotate_sparse (U_out δ U_inᵀ from the block of δ)
-    equal the dense products, for supports that fill few or all rows/columns."""
+@pytest.mark.parametrize("block_fill", [0, 32, 10**9])  # never / measured threshold / always the block products
+def test_sparse_rotations_match_dense_products(monkeypatch, block_fill):
+    """rotate_at / unrotate_at (g[S] and U_out δ U_inᵀ on S, by block products or full-size sampling and sparse
+    products) and unrotate_sparse equal the dense products, for supports that fill few or all rows/columns."""
+    monkeypatch.setattr(Support, "BLOCK_FILL", block_fill)
     torch.manual_seed(0)
-    pair = BasisPair(_random_orthogonal(12, 5), _random_orthogonal(20, 6))
-    grad = torch.randn(12, 20)
-    full = pair.U_out.T @ grad @ pair.U_in
-    for flat in (torch.tensor([3, 7, 45, 46, 199, 230]), torch.randperm(240)[:120].sort().values,
-                 torch.arange(240)):
-        support = Support(flat, (12, 20), 0)
-        torch.testing.assert_close(pair.rotate_at(grad, support), full.reshape(-1)[flat], atol=1e-5, rtol=1e-5)
-        values = torch.randn(flat.numel())
-        dense = torch.zeros(240).index_copy_(0, flat, values).view(12, 20)
-        torch.testing.assert_close(pair.unrotate_sparse(flat, values, (12, 20)), pair.U_out @ dense @ pair.U_in.T,
-                                   atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(pair.unrotate(dense), pair.U_out @ dense @ pair.U_in.T, atol=1e-5, rtol=1e-5)
+    for n_out, n_in in ((12, 20), (20, 12)):  # both orders of the cheaper side
+        pair = BasisPair(_random_orthogonal(n_out, 5), _random_orthogonal(n_in, 6))
+        grad = torch.randn(n_out, n_in)
+        full = pair.U_out.T @ grad @ pair.U_in
+        for flat in (torch.tensor([3, 7, 45, 46, 199, 230]), torch.randperm(240)[:120].sort().values,
+                     torch.arange(240)):
+            support = Support(flat, (n_out, n_in), 0)
+            torch.testing.assert_close(pair.rotate_at(grad, support), full.reshape(-1)[flat], atol=1e-5, rtol=1e-5)
+            values = torch.randn(flat.numel())
+            dense = torch.zeros(240).index_copy_(0, flat, values).view(n_out, n_in)
+            expected = pair.U_out @ dense @ pair.U_in.T
+            torch.testing.assert_close(pair.unrotate_at(values, support), expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(pair.unrotate_sparse(flat, values, (n_out, n_in)), expected, atol=1e-5,
+                                       rtol=1e-5)
+            torch.testing.assert_close(pair.unrotate(dense), expected, atol=1e-5, rtol=1e-5)
 
 
 # ---- 5. calibration leaves the model exactly as it was --------------------------------------------------------
