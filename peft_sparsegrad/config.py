@@ -80,8 +80,8 @@ class SparseGradConfig(PeftConfig):
         default="adamw",
         metadata={
             "help": "Update rule used for the sparse W' entries by SparseGradCallback / create_sparsegrad_optimizer: "
-            "'adamw' (lean: state only for entries ever selected), 'sparse_adam' (paper-faithful lazy Adam with dense "
-            "moments), 'sgd'."
+            "'adamw' (regular AdamW on the entries ever selected), 'sparse_adam' (the paper's lazy Adam, "
+            "torch.optim.SparseAdam arithmetic, its moments kept on the same support), 'sgd'. All keep O(support) state."
         },
     )
     selection: Literal["dynamic", "periodic"] = field(
