@@ -23,7 +23,6 @@ If the Trainer was given a ``SparseGradOptimizer`` (``optimizers=(create_sparseg
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
@@ -119,16 +118,14 @@ class SparseGradCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self._delegated is not None and self.log_statistics and self._delegated.last_stats:
             s = self._delegated.last_stats
-            self._stats.append(torch.tensor([s.get("kept_energy", float("nan")), s["overlap"]]))
+            self._stats.append(torch.tensor([s["kept_energy"], s["overlap"]]))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.log_statistics or not self._stats or logs is None:
             return
-        kept_energy, overlap = torch.stack([s.cpu() for s in self._stats]).nanmean(0).tolist()  # one sync per log
+        kept_energy, overlap = torch.stack([s.cpu() for s in self._stats]).mean(0).tolist()  # one sync per log
         self._stats = []
         extra = {"sparsegrad/kept_energy": round(kept_energy, 4), "sparsegrad/overlap": round(overlap, 4)}
-        if math.isnan(kept_energy):  # selection="periodic" logs it only at refresh steps
-            del extra["sparsegrad/kept_energy"]
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)  # the copy the Trainer keeps in trainer_state.json
