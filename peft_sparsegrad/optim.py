@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import chain
@@ -315,7 +316,9 @@ def _periodic_step(layer: SparseGradLayer, adapter: str, g_w: torch.Tensor, st: 
         g_sel = pair.rotate_at(g_w, support, layer.compute_dtype())
         overlap = torch.ones((), device=idx.device)
     kept_energy = _energy_share(g_sel, total)
-    delta.grow(idx)  # a no-op between refreshes
+    if support.merged_into is None or support.merged_into() is not delta.flat:
+        delta.grow(idx)  # at a refresh, or after ΔW' was replaced; between refreshes S is in ΔW''s support already
+        support.merged_into = weakref.ref(delta.flat)
     pos = delta.positions(idx)  # recomputed (O(k log n)) rather than kept: 8 bytes per entry less between steps
     p_old = delta.values.index_select(0, pos)
     if mode == "sgd":
