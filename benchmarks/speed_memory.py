@@ -1243,10 +1243,12 @@ def write_markdown(results: dict, path: str) -> None:
              f"transformers {m['transformers']}, peft {m['peft']}, galore-torch {m['galore_torch']}; "
              f"{results['finished_at']}. Total wall time {results['wall_s']:.0f} s.", "",
              results["settings_line"], ""]
-    lines += ["Notes on the exact counts: SparseGrad/MeProp train a dense float32 ΔW' per adapted layer (so "
-              "'trainable params' and 'grads' are the full MLP size even though only k entries change per step); "
-              "their 'adapter extras' are the bases U_out, U_in (one pair per layer type; none for MeProp) and the "
-              "layer's cached effective weight. GaLore's optimizer state counts whole tensor storages: galore-torch "
+    lines += ["Notes on the exact counts: SparseGrad/MeProp train the adapted weight W in place (so 'trainable "
+              "params' and 'grads' are the full MLP size, W and its ordinary gradient, even though only k entries "
+              "of W' change per step); their 'adapter extras' are what the layers hold besides parameters: ΔW' on "
+              "its support, the bases U_out, U_in (one pair per layer type, float16 for half-precision weights; "
+              "none for MeProp) and, for bf16/fp16 W, the residual of the compensated update. Their optimizer state "
+              "is O(support). GaLore's optimizer state counts whole tensor storages: galore-torch "
               "keeps its rank-r projection as a view of the full SVD factor, which keeps that factor alive. "
               "'extra live B / adapted weight' is an exact count of every tensor storage alive after backward() "
               "over those of the loaded base model (see the table per model); it includes what the library holds "

@@ -155,6 +155,9 @@ class SparseGradLayer(BaseTunerLayer):
                 "(PeftModel.from_pretrained after `import peft_sparsegrad`), from calibration_dataloader, or — with "
                 "calibration_steps and no data — from the Trainer's first batches (needs SparseGradCallback)."
             )
+        if self._is_half() and not pair.is_identity and pair.U_out.dtype != torch.float16:
+            # half-precision weights: float16 bases (see BasisPair), shared by the layers of the type
+            pair = self.sparsegrad_bases[adapter_name] = pair.half_storage()
         return pair.to(device if device is not None else self.get_base_layer().weight.device)
 
     # ---- training -------------------------------------------------------------------------------------------------
@@ -230,8 +233,9 @@ class SparseGradLayer(BaseTunerLayer):
         return self.get_base_layer().weight.dtype in (torch.float16, torch.bfloat16)
 
     def compute_dtype(self) -> torch.dtype:
-        """Precision of the training step's rotations: the weight's own (bf16 for bf16/fp16 weights, whose gradient
-        has that precision anyway; float32 otherwise). Bases, ΔW', moments and the weight update stay float32."""
+        """Precision of the training step's GEMMs: bf16 for bf16/fp16 weights (whose gradient has that precision
+        anyway), float32 otherwise. ΔW', moments and the weight update stay float32 (the bases of half-precision
+        layers are stored in float16, see ``BasisPair``)."""
         return torch.bfloat16 if self._is_half() else torch.float32
 
     def _true_weight(self) -> torch.Tensor:

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -402,13 +402,59 @@ def test_half_precision_base_models_keep_float32_adapter(arch, dtype):
     opt = create_sparsegrad_optimizer(model, lr=1e-2)
     model(**batch).loss.float().backward()
     opt.step()
+    shared: dict[str, BasisPair] = {}
     for layer in sparsegrad_layers(model).values():
         assert layer.sparsegrad_delta["default"].values.dtype == torch.float32
         assert layer.get_base_layer().weight.dtype == dtype
         assert (layer._residual is None) == (dtype == torch.float32)
         if layer._residual is not None:
             assert layer._residual.dtype == dtype
+        # half-precision layers keep float16 bases (half the memory), still one object per layer type
+        pair = layer.sparsegrad_bases["default"]
+        assert pair.U_out.dtype == pair.U_in.dtype == (torch.float32 if dtype == torch.float32 else torch.float16)
+        assert shared.setdefault(layer.sparsegrad_type["default"], pair) is pair
+        for u in (pair.U_out, pair.U_in):
+            gram = u.double().T @ u.double()
+            assert (gram - torch.eye(u.shape[0], dtype=torch.float64)).abs().max() < 1e-3
     assert not torch.equal(logits(model, batch), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_adapter_round_trip_and_unload_use_its_float16_bases(dtype, tmp_path):
+    """The float16 bases a half-precision model trained with are the adapter's: saved as they are, they give back
+    the same W when loaded into a fresh model, and unload() returns W₀ to the weight's own precision."""
+    arch = "llama"
+    base = build_model(arch, dtype=dtype)
+    w0 = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    model = get_peft_model(base, SparseGradConfig(calibration_steps=2, calibration_dataloader=batch_stream(arch)))
+    opt = create_sparsegrad_optimizer(model, lr=1e-2)
+    for batch in batch_stream(arch, seed=5, n=3):
+        model(**batch).loss.float().backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(tmp_path)
+    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    for layer in sparsegrad_layers(model).values():
+        pair = layer.sparsegrad_bases["default"]
+        key = f"base_model.model.sparsegrad_bases.{layer.sparsegrad_type['default']}.U_out"
+        assert torch.equal(saved[key], pair.U_out.float())  # exactly the float16 values it trained with
+    loaded = PeftModel.from_pretrained(build_model(arch, dtype=dtype), tmp_path)
+    trained = sparsegrad_layers(model)
+    for name, layer in sparsegrad_layers(loaded).items():
+        pair = layer.sparsegrad_bases["default"]
+        assert pair.U_out.dtype == torch.float16
+        u_out, u_in = pair.float32()
+        change = u_out @ layer.sparsegrad_delta["default"].to_dense() @ u_in.T
+        w_0 = w0[name.removeprefix("base_model.model.")].float()
+        torch.testing.assert_close(layer._true_weight(), w_0 + change, atol=1e-6, rtol=0)
+        # training added the same change step by step through bf16 GEMMs: equal up to their rounding
+        torch.testing.assert_close(layer._true_weight(), trained[name]._true_weight(),
+                                   atol=2e-2 * change.abs().max().item(), rtol=0)
+    plain = loaded.unload()
+    adapted = [(m, w0[n]) for n, m in plain.named_modules() if n in w0 and n.endswith(("up_proj", "down_proj"))]
+    assert len(adapted) == len(trained)
+    for m, w in adapted:
+        torch.testing.assert_close(m.weight, w, atol=torch.finfo(dtype).eps * w.abs().max().item(), rtol=0)
 
 
 # ---- 7. identity bases: MeProp ----------------------------------------------------------------------------------

@@ -100,8 +100,8 @@ def _assert_weights_consistent(model, w0: dict[str, torch.Tensor], atol: float =
     """W == W₀ + U_out ΔW' U_inᵀ for every adapted layer, W₀ from a fresh base model (not derived from W or ΔW')."""
     for name, m in model.named_modules():
         if isinstance(m, peft_sparsegrad.SparseGradLayer):
-            pair = m.sparsegrad_bases["default"]
-            expected = w0[name].float() + pair.U_out @ m.sparsegrad_delta["default"].to_dense() @ pair.U_in.T
+            u_out, u_in = m.sparsegrad_bases["default"].float32()  # float16-stored for half-precision layers
+            expected = w0[name].float() + u_out @ m.sparsegrad_delta["default"].to_dense() @ u_in.T
             torch.testing.assert_close(m._true_weight(), expected, atol=atol, rtol=0, msg=name)
 
 
