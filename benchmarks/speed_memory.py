@@ -1029,7 +1029,7 @@ def summarize(results: dict, args) -> dict:
             }
             probe = results.get("probes", {}).get(model_name, {}).get(m)
             if probe and "error" not in probe and r.get("layer_types"):
-                r["live_split"] = live_split(r, probe)
+                r["live_split"] = live_split(r, probe, results["settings"]["dtype"])
             cal = r.get("calibration")
             if cal:
                 n = cal["batches"]
@@ -1049,18 +1049,24 @@ def _live(r: dict) -> Optional[float]:
     return (r.get("live") or {}).get("extra_bytes_per_adapted_weight")
 
 
-def bases_bytes(layer_types: dict, method: str) -> int:
-    """float32 U_out (out²) and U_in (in²) per layer type; none for MeProp (identity bases)."""
-    return 0 if method == "meprop" else sum(4 * (o * o + i * i) for o, i in layer_types.values())
+def bases_bytes(layer_types: dict, method: str, dtype: str = "fp32") -> int:
+    """U_out (out²) and U_in (in²) per layer type, float32 for fp32 weights and float16 for bf16 weights (as the
+    layers store them); none for MeProp (identity bases)."""
+    size = 2 if dtype == "bf16" else 4
+    return 0 if method == "meprop" else sum(size * (o * o + i * i) for o, i in layer_types.values())
 
 
-def live_split(r: dict, probe: dict) -> dict:
+def _bases_dtype_name(dtype: str) -> str:
+    return "float16" if dtype == "bf16" else "float32"
+
+
+def live_split(r: dict, probe: dict, dtype: str = "fp32") -> dict:
     """Split SparseGrad's measured extra live bytes into a per-adapted-weight part, a per-support-entry part (Σ k)
     and the bases: extra = dense · W + per_k · Σk + bases, solved from two runs at two keep_ratios (same steps)."""
     w = r["live"]["adapted_weights"]
     k1, k2 = r["sparsegrad_k"], probe["sparsegrad_k"]
     b1, b2 = r["live"]["extra_bytes"], probe["live"]["extra_bytes"]
-    bases = bases_bytes(r["layer_types"], r["method"])
+    bases = bases_bytes(r["layer_types"], r["method"], dtype)
     per_k = (b2 - b1) / (k2 - k1)
     dense = (b1 - bases - per_k * k1) / w
     return {"dense_bytes_per_weight": dense, "bytes_per_support_entry": per_k, "bases_bytes": bases,
@@ -1132,13 +1138,14 @@ def state_table(runs: list[dict], keep_ratio: float = 0.01, lora_rank: int = 32,
                     split = r.get("live_split")
                     if not split:
                         continue
-                    b7 = bases_bytes(LLAMA7B_TYPES, m)
+                    b7 = bases_bytes(LLAMA7B_TYPES, m, dtype)
                     b = split["dense_bytes_per_weight"] * w + split["bytes_per_support_entry"] * sum_k + b7
                     rows[m] = {"bytes": b, "bytes_per_weight": b / w,
                                "how": (f"measured on {model_name} ({dtype}): {split['dense_bytes_per_weight']:.3f} B "
                                        f"per weight + {split['bytes_per_support_entry']:.2f} B per support entry "
                                        f"(Σ k = {sum_k:,} at keep_ratio {keep_ratio})"
-                                       + (f" + bases {b7 / 2**30:.2f} GiB (float32 out² + in² per layer type)"
+                                       + (f" + bases {b7 / 2**30:.2f} GiB ({_bases_dtype_name(dtype)} out² + "
+                                          "in² per layer type)"
                                           if b7 else " (identity bases: none)"))}
                 entry["rows"][case] = {"blocks": blocks, "adapted_weights": w, "sum_k": sum_k, "methods": rows}
             for m, (b, how) in small_f.items():
@@ -1241,8 +1248,12 @@ def write_markdown(results: dict, path: str) -> None:
              f"Machine: {m['cpu']}, {m['cpu_count']} cores visible ({m.get('torch_threads')} torch threads), "
              f"{m.get('mem_total_gib')} GiB RAM{', GPU ' + m['gpu'] if m.get('gpu') else ''}; torch {m['torch']}, "
              f"transformers {m['transformers']}, peft {m['peft']}, galore-torch {m['galore_torch']}; "
-             f"{results['finished_at']}. Total wall time {results['wall_s']:.0f} s.", "",
-             results["settings_line"], ""]
+             f"{results['finished_at']}. Total wall time {results['wall_s']:.0f} s.", ""]
+    if results.get("rendered"):
+        r = results["rendered"]
+        lines += [f"Derived figures (ratios, live-bytes split, LLaMA-2-7B table) recomputed from the measurements "
+                  f"with `{r['command']}` at commit `{r['commit']}`.", ""]
+    lines += [results["settings_line"], ""]
     lines += ["Notes on the exact counts: SparseGrad/MeProp train the adapted weight W in place (so 'trainable "
               "params' and 'grads' are the full MLP size, W and its ordinary gradient, even though only k entries "
               "of W' change per step); their 'adapter extras' are what the layers hold besides parameters: ΔW' on "
@@ -1306,8 +1317,8 @@ def write_markdown(results: dict, path: str) -> None:
         splits = [(m, r["live_split"]) for m, r in per_method.items() if r.get("live_split")]
         if splits:
             lines += ["Split of the extra live bytes, from a second run of the same method at another keep_ratio "
-                      "(same steps): extra = dense · Σ out·in + per_k · Σ k + bases (float32 out² + in² per layer "
-                      "type):", "",
+                      "(same steps): extra = dense · Σ out·in + per_k · Σ k + bases "
+                      f"({_bases_dtype_name(results['settings']['dtype'])} out² + in² per layer type):", "",
                       "| method | keep_ratios | extra bytes | dense B / weight | B / support entry | bases (MiB) |",
                       "|---|---|---|---|---|---|"]
             for m, sp in splits:
@@ -1485,6 +1496,14 @@ def main(argv=None) -> None:
     if args.render:
         with open(args.render) as f:
             results = json.load(f)
+        # the derived figures follow this version's accounting; the measurements themselves are unchanged
+        results = summarize(results, args)
+        commit = subprocess.run(["git", "log", "-1", "--format=%h"], capture_output=True, text=True,
+                                cwd=REPO).stdout.strip()
+        results["rendered"] = {"commit": commit, "command": " ".join(
+            ["python", "benchmarks/speed_memory.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])}
+        with open(args.render, "w") as f:
+            json.dump(results, f, indent=1)
         base = os.path.splitext(args.render)[0]
         write_markdown(results, base + ".md")
         if not args.no_plot:

@@ -377,6 +377,7 @@ def sparse_step(
         layer, adapter, grad, state, k=k, lr=lr, mode=mode, betas=betas, eps=eps, weight_decay=weight_decay,
         refresh_interval=refresh_interval,
     )
+    release_step_caches([param])  # nothing of this call stays alive (SparseGradOptimizer releases once per step)
     ke, ov = torch.stack([kept_energy.float(), overlap.float()]).tolist()
     return {"kept_energy": ke, "overlap": ov, "support": float(support)}
 

@@ -126,3 +126,14 @@ def test_speed_memory_quick(tmp_path):
     assert "extra live B / adapted weight" in md and "LLaMA-2-7B MLP shapes (formula" in md
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "speed_memory.png").stat().st_size > 0
+
+    # --render recomputes the derived figures from the stored measurements: the same numbers, noted as re-rendered
+    json_path = tmp_path / "speed_memory.json"
+    proc = subprocess.run([sys.executable, SCRIPT, "--render", str(json_path), "--no-plot"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = json.loads(json_path.read_text())
+    assert again["rendered"]["command"].endswith("--no-plot")
+    assert again["models"]["tiny-llama"]["sparsegrad-lean"]["live_split"] == split
+    assert again["state_table"] == data["state_table"]
+    assert "recomputed from the measurements" in (tmp_path / "speed_memory.md").read_text()
