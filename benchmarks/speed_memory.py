@@ -96,10 +96,12 @@ from typing import Any, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-ALL_METHODS = ("full", "lora", "meprop", "sparsegrad", "sparsegrad-lean", "sparsegrad-periodic", "galore")
+ALL_METHODS = ("full", "lora", "meprop", "sparsegrad", "sparsegrad-lean", "sparsegrad-periodic", "galore",
+               "sparsegrad-f16bases")
+# sparsegrad-f16bases (decoders only): the default config with bases_dtype="float16" (for float32 weights)
 MODELS = ("minilm", "llama", "llama-gpu", "tiny-bert", "smollm2", "tiny-llama")
 DECODERS = ("smollm2", "tiny-llama")  # causal LMs: up_proj/down_proj of every third block, no head
-PROBED_METHODS = ("meprop", "sparsegrad", "sparsegrad-lean", "sparsegrad-periodic")  # live-bytes split, see --probe
+PROBED_METHODS = ("meprop", "sparsegrad", "sparsegrad-lean", "sparsegrad-periodic", "sparsegrad-f16bases")  # live-bytes split, see --probe
 MIB = 2**20
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -441,6 +443,8 @@ def setup(method: str, model_name: str, base, args) -> tuple[Any, Any, dict]:
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
             info["note"] = s.note + ("" if method == "full" else "; torch.optim.AdamW")
         return model, optimizer, info
+    if method == "sparsegrad-f16bases":
+        raise SystemExit("sparsegrad-f16bases is measured on the decoder models only")
     # sparsegrad, sparsegrad-lean, sparsegrad-periodic: bases calibrated on synthetic batches (not the training
     # batches). The sparsegrad worker calibrates (timed) and writes the bases to --bases-file; the others reuse it.
     mode = "sparse_adam" if method == "sparsegrad" else "adamw"
@@ -525,6 +529,8 @@ def setup_decoder(method: str, model_name: str, base, args) -> tuple[Any, Any, d
                   refresh_interval=args.refresh_interval)
     if mode != "adamw":  # "adamw" is the default: sparsegrad-lean / -periodic / meprop use the default config
         common["sparse_optimizer"] = mode
+    if method == "sparsegrad-f16bases":
+        common["bases_dtype"] = "float16"
     if method == "meprop":
         config = SparseGradConfig(bases="identity", **common)
         bases_note = "identity bases (MeProp)"
@@ -547,7 +553,8 @@ def setup_decoder(method: str, model_name: str, base, args) -> tuple[Any, Any, d
     optimizer = create_sparsegrad_optimizer(model, lr=args.lr)  # mode: the config's sparse_optimizer
     chosen = "per step" if selection == "dynamic" else f"support re-selected every {args.refresh_interval} steps"
     info["note"] = (f"top-{args.keep_ratio:.2%} ({budget['sparsegrad_k']} entries, {chosen}) of {where}; "
-                    f"create_sparsegrad_optimizer, sparse_optimizer {mode!r}; {bases_note}")
+                    f"create_sparsegrad_optimizer, sparse_optimizer {mode!r}; {bases_note}"
+                    + ("; bases_dtype='float16'" if method == "sparsegrad-f16bases" else ""))
     return model, optimizer, info
 
 
@@ -920,7 +927,7 @@ def _worker_cmd(job: str, out: str, args) -> list[str]:
     return cmd
 
 
-_BASES_JOBS = (":sparsegrad", ":sparsegrad-lean", ":sparsegrad-periodic")  # share one calibration per model
+_BASES_JOBS = (":sparsegrad", ":sparsegrad-lean", ":sparsegrad-periodic", ":sparsegrad-f16bases")  # share one calibration per model
 
 
 def run_worker(job: str, args, tmp: str) -> dict:
@@ -1051,13 +1058,13 @@ def _live(r: dict) -> Optional[float]:
 
 def bases_bytes(layer_types: dict, method: str, dtype: str = "fp32") -> int:
     """U_out (out²) and U_in (in²) per layer type, float32 for fp32 weights and float16 for bf16 weights (as the
-    layers store them); none for MeProp (identity bases)."""
-    size = 2 if dtype == "bf16" else 4
+    layers store them by default; float16 always for sparsegrad-f16bases); none for MeProp (identity bases)."""
+    size = 2 if dtype == "bf16" or method == "sparsegrad-f16bases" else 4
     return 0 if method == "meprop" else sum(size * (o * o + i * i) for o, i in layer_types.values())
 
 
-def _bases_dtype_name(dtype: str) -> str:
-    return "float16" if dtype == "bf16" else "float32"
+def _bases_dtype_name(dtype: str, method: str = "") -> str:
+    return "float16" if dtype == "bf16" or method == "sparsegrad-f16bases" else "float32"
 
 
 def live_split(r: dict, probe: dict, dtype: str = "fp32") -> dict:
@@ -1144,7 +1151,7 @@ def state_table(runs: list[dict], keep_ratio: float = 0.01, lora_rank: int = 32,
                                "how": (f"measured on {model_name} ({dtype}): {split['dense_bytes_per_weight']:.3f} B "
                                        f"per weight + {split['bytes_per_support_entry']:.2f} B per support entry "
                                        f"(Σ k = {sum_k:,} at keep_ratio {keep_ratio})"
-                                       + (f" + bases {b7 / 2**30:.2f} GiB ({_bases_dtype_name(dtype)} out² + "
+                                       + (f" + bases {b7 / 2**30:.2f} GiB ({_bases_dtype_name(dtype, m)} out² + "
                                           "in² per layer type)"
                                           if b7 else " (identity bases: none)"))}
                 entry["rows"][case] = {"blocks": blocks, "adapted_weights": w, "sum_k": sum_k, "methods": rows}
@@ -1318,7 +1325,8 @@ def write_markdown(results: dict, path: str) -> None:
         if splits:
             lines += ["Split of the extra live bytes, from a second run of the same method at another keep_ratio "
                       "(same steps): extra = dense · Σ out·in + per_k · Σ k + bases "
-                      f"({_bases_dtype_name(results['settings']['dtype'])} out² + in² per layer type):", "",
+                      "(out² + in² per layer type, in the dtype the layers store them: float32, float16 for bf16 "
+                      "weights and for sparsegrad-f16bases):", "",
                       "| method | keep_ratios | extra bytes | dense B / weight | B / support entry | bases (MiB) |",
                       "|---|---|---|---|---|---|"]
             for m, sp in splits:

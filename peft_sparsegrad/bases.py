@@ -50,9 +50,9 @@ ADAPTER_BASES_PREFIX = "sparsegrad_bases."  # key prefix of the bases inside ada
 class BasisPair:
     """Orthogonal bases of one layer type. ``None`` stands for the identity (MeProp): no rotation at all.
 
-    Stored in float32, or in float16 for layers with bf16/fp16 weights (``half_storage``: half the memory, still
-    orthogonal to ~6e-4, ten times finer than a bf16 weight's own precision; bfloat16 would be ~5e-3). The products
-    always run in float32 or the compute dtype (``cast``). One object is shared by every layer of the type, so moving
+    Stored in float32, or in float16 (by default for layers with bf16/fp16 weights, ``stored_as``: half the memory,
+    still orthogonal to ~6e-4, ten times finer than a bf16 weight's own precision; bfloat16 would be ~5e-3). The
+    products always run in float32 or the compute dtype (``cast``). One object is shared by every layer of the type, so moving
     it to another device (``to``) moves it for all of them, and it is kept out of ``nn.Module`` buffers: DDP would
     otherwise re-broadcast it every forward and PEFT would cast it to a bf16 base model's dtype.
     """
@@ -80,16 +80,16 @@ class BasisPair:
             self._cast = {}
         return self
 
-    def half_storage(self) -> "BasisPair":
-        """This pair stored in float16, for layers with half-precision weights; one object per source pair (and
-        device), so the layers of a type keep sharing their bases."""
-        if self.is_identity or self.U_out.dtype == torch.float16:
+    def stored_as(self, dtype: torch.dtype) -> "BasisPair":
+        """This pair stored in ``dtype`` (float16 for half-precision layers, see ``SparseGradConfig.bases_dtype``);
+        one object per source pair, dtype and device, so the layers of a type keep sharing their bases."""
+        if self.is_identity or self.U_out.dtype == dtype:
             return self
-        half = self.__dict__.get("_half")
-        if half is None or half.U_out.device != self.U_out.device:
-            half = BasisPair(self.U_out.to(torch.float16), self.U_in.to(torch.float16))
-            self.__dict__["_half"] = half
-        return half
+        stored = self.__dict__.setdefault("_stored", {})
+        other = stored.get(dtype)
+        if other is None or other.U_out.device != self.U_out.device:
+            other = stored[dtype] = BasisPair(self.U_out.to(dtype), self.U_in.to(dtype))
+        return other
 
     def float32(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U_out, U_in) in float32, not cached (merges, unmerges: outside the training step)."""

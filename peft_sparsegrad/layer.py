@@ -60,7 +60,7 @@ class SparseGradLayer(BaseTunerLayer):
 
     adapter_layer_names = ("sparsegrad_delta",)
     other_param_names = ("sparsegrad_k", "sparsegrad_keep_ratio", "sparsegrad_bases", "sparsegrad_type",
-                         "sparsegrad_refresh_interval")
+                         "sparsegrad_refresh_interval", "sparsegrad_bases_dtype")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -70,6 +70,7 @@ class SparseGradLayer(BaseTunerLayer):
         self.sparsegrad_bases: dict[str, Optional[BasisPair]] = {}  # None until loaded from a checkpoint / calibrated
         self.sparsegrad_type: dict[str, str] = {}  # adapter -> layer type key (shares bases)
         self.sparsegrad_refresh_interval: dict[str, int] = {}  # adapter -> steps between support refreshes, 0: dynamic
+        self.sparsegrad_bases_dtype: dict[str, str] = {}  # adapter -> SparseGradConfig.bases_dtype
         self._applied: list[str] = []  # adapters whose ΔW is in the base weight right now
         self._trainable: list[str] = []  # active adapters that train (not inference mode)
         self._residual: Optional[torch.Tensor] = None  # low part of W for half-precision in-place updates
@@ -93,6 +94,7 @@ class SparseGradLayer(BaseTunerLayer):
         init_weights: bool = True,
         inference_mode: bool = False,
         refresh_interval: int = 0,
+        bases_dtype: str = "auto",
     ) -> None:
         if not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
@@ -108,6 +110,7 @@ class SparseGradLayer(BaseTunerLayer):
         self.sparsegrad_keep_ratio[adapter_name] = keep_ratio
         self.sparsegrad_bases[adapter_name] = bases
         self.sparsegrad_type[adapter_name] = layer_type
+        self.sparsegrad_bases_dtype[adapter_name] = bases_dtype
         if adapter_name in self.active_adapters:
             self.set_adapter(self.active_adapters, inference_mode=inference_mode)
         # an added, inactive adapter changes nothing: the active one keeps W and its trainability
@@ -155,9 +158,10 @@ class SparseGradLayer(BaseTunerLayer):
                 "(PeftModel.from_pretrained after `import peft_sparsegrad`), from calibration_dataloader, or — with "
                 "calibration_steps and no data — from the Trainer's first batches (needs SparseGradCallback)."
             )
-        if self._is_half() and not pair.is_identity and pair.U_out.dtype != torch.float16:
-            # half-precision weights: float16 bases (see BasisPair), shared by the layers of the type
-            pair = self.sparsegrad_bases[adapter_name] = pair.half_storage()
+        storage = self._bases_storage_dtype(adapter_name)
+        if not pair.is_identity and pair.U_out.dtype != storage:
+            # stored as config.bases_dtype says (float16 for half-precision weights by default), shared per type
+            pair = self.sparsegrad_bases[adapter_name] = pair.stored_as(storage)
         return pair.to(device if device is not None else self.get_base_layer().weight.device)
 
     # ---- training -------------------------------------------------------------------------------------------------
@@ -231,6 +235,11 @@ class SparseGradLayer(BaseTunerLayer):
 
     def _is_half(self) -> bool:
         return self.get_base_layer().weight.dtype in (torch.float16, torch.bfloat16)
+
+    def _bases_storage_dtype(self, adapter_name: str) -> torch.dtype:
+        choice = self.sparsegrad_bases_dtype.get(adapter_name, "auto")
+        half = choice == "float16" or (choice == "auto" and self._is_half())
+        return torch.float16 if half else torch.float32
 
     def compute_dtype(self) -> torch.dtype:
         """Precision of the training step's GEMMs: bf16 for bf16/fp16 weights (whose gradient has that precision
@@ -367,12 +376,14 @@ class SparseGradLinear(nn.Module, SparseGradLayer):
         layer_type: str,
         init_weights: bool = True,
         refresh_interval: int = 0,
+        bases_dtype: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__()
         SparseGradLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, keep_ratio, bases, layer_type, init_weights, refresh_interval=refresh_interval)
+        self.update_layer(adapter_name, keep_ratio, bases, layer_type, init_weights, refresh_interval=refresh_interval,
+                          bases_dtype=bases_dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Mark adapters as merged; ΔW of an adapter that is not active yet is added to W (float32 arithmetic)."""

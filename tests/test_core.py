@@ -5,6 +5,7 @@ properties and dtypes, identity bases (MeProp)."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 
@@ -17,8 +18,8 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import (assert_same_snapshot, batch_list, batch_stream, build_model, inputs_only, logits,
                       snapshot, sparsegrad_layers)
-from peft_sparsegrad import (BasisPair, SparseGradBases, SparseGradConfig, calibrate,
-                             create_sparsegrad_optimizer)
+from peft_sparsegrad import (BasisPair, SparseGradBases, SparseGradConfig, SparseGradLinear, SparseGradOptimizer,
+                             calibrate, create_sparsegrad_optimizer)
 from peft_sparsegrad.bases import Support
 from peft_sparsegrad.delta import SparseDelta
 from peft_sparsegrad.targets import layer_role
@@ -455,6 +456,58 @@ def test_half_precision_adapter_round_trip_and_unload_use_its_float16_bases(dtyp
     assert len(adapted) == len(trained)
     for m, w in adapted:
         torch.testing.assert_close(m.weight, w, atol=torch.finfo(dtype).eps * w.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("dtype, choice, stored", [
+    (torch.float32, "float16", torch.float16),
+    (torch.float32, "auto", torch.float32),
+    (torch.bfloat16, "float32", torch.float32),
+])
+def test_bases_dtype_sets_the_storage_and_w_follows_the_stored_bases(dtype, choice, stored, tmp_path):
+    arch = "llama"
+    base = build_model(arch, dtype=dtype)
+    w0 = {"base_model.model." + n: m.weight.detach().float().clone() for n, m in base.named_modules()
+          if isinstance(m, torch.nn.Linear)}
+    config = SparseGradConfig(calibration_steps=2, calibration_dataloader=batch_stream(arch), bases_dtype=choice)
+    model = get_peft_model(base, config)
+    opt = create_sparsegrad_optimizer(model, lr=1e-2)
+    for batch in batch_stream(arch, seed=5, n=2):
+        model(**batch).loss.float().backward()
+        opt.step()
+        opt.zero_grad()
+    for name, layer in sparsegrad_layers(model).items():
+        pair = layer.sparsegrad_bases["default"]
+        assert pair.U_out.dtype == pair.U_in.dtype == stored
+        u_out, u_in = pair.float32()
+        change = u_out @ layer.sparsegrad_delta["default"].to_dense() @ u_in.T
+        tol = 1e-6 if dtype == torch.float32 else 2e-2 * change.abs().max().item()  # bf16: the steps' bf16 GEMMs
+        torch.testing.assert_close(layer._true_weight(), w0[name] + change, atol=tol, rtol=0)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["bases_dtype"] == choice
+    loaded = PeftModel.from_pretrained(build_model(arch, dtype=dtype), tmp_path)
+    loaded(**next(batch_stream(arch, seed=6)))
+    assert all(m.pair("default").U_out.dtype == stored for m in sparsegrad_layers(loaded).values())
+
+
+def test_float16_bases_on_float32_weights_match_full_fine_tuning_to_their_precision():
+    """keep_ratio = 1 + SGD: one step changes W by U_out U_outᵀ G U_in U_inᵀ, = G for orthogonal bases. Float32
+    bases give full fine-tuning to float32 rounding; float16 bases (bases_dtype='float16') to their ~1e-3."""
+    torch.manual_seed(0)
+    n_out, n_in = 48, 32
+    g = torch.randn(n_out, n_in)
+    errors = {}
+    for choice in ("float32", "float16"):
+        lin = nn.Linear(n_in, n_out, bias=False)
+        w_before = lin.weight.detach().clone()
+        q_out, q_in = torch.linalg.qr(torch.randn(n_out, n_out))[0], torch.linalg.qr(torch.randn(n_in, n_in))[0]
+        layer = SparseGradLinear(lin, "default", 1.0, BasisPair(q_out, q_in), "t", bases_dtype=choice)
+        w = layer.get_base_layer().weight
+        opt = SparseGradOptimizer([{"params": [w], "sparsegrad_k": n_out * n_in, "mode": "sgd"}], lr=1.0)
+        w.grad = g.clone()
+        opt.step()
+        errors[choice] = ((w.detach() - w_before + g).norm() / g.norm()).item()
+    assert errors["float32"] < 1e-5
+    assert 1e-5 < errors["float16"] < 3e-3, errors
 
 
 # ---- 7. identity bases: MeProp ----------------------------------------------------------------------------------
