@@ -48,8 +48,9 @@ class SparseGradCallback(TrainerCallback):
             ``sparse_optimizer``.
         weight_decay: decoupled weight decay for ΔW' (applied only where the sparse update acts). The Trainer's
             ``weight_decay`` is deliberately *not* used for ΔW'.
-        log_statistics: add ``sparsegrad/kept_energy`` (share of the rotated gradient's energy in the kept entries)
-            and ``sparsegrad/overlap`` (share of kept entries also kept in the previous step) to the Trainer's logs.
+        log_statistics: add to the Trainer's logs ``sparsegrad/kept_energy`` (share of the rotated gradient's energy
+            in the kept entries), ``sparsegrad/overlap`` (share of kept entries also kept in the previous step) and
+            ``sparsegrad/support`` (ΔW''s support over Σk, which dynamic selection grows).
     """
 
     def __init__(self, mode: Optional[str] = None, weight_decay: float = 0.0, log_statistics: bool = True) -> None:
@@ -61,6 +62,7 @@ class SparseGradCallback(TrainerCallback):
         self._routes: list[tuple[torch.nn.Parameter, int, dict]] = []
         self._delegated: Optional[SparseGradOptimizer] = None
         self._stats: list[torch.Tensor] = []
+        self._layers: list[tuple[Any, int]] = []  # (layer, k) of every adapted weight, for the support statistic
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         calibrate_pending = getattr(getattr(model, "base_model", None), "calibrate_pending", None)
@@ -72,6 +74,7 @@ class SparseGradCallback(TrainerCallback):
                              "peft.get_peft_model(model, SparseGradConfig(...)).")
         inner = _unwrap(optimizer)
         self._routes, self._delegated, self._stats = [], None, []
+        self._layers = [(getattr(param, OWNER_ATTR), k) for param, k in sparse]
         if isinstance(inner, SparseGradOptimizer):
             self._delegated = inner  # it applies the sparse update itself
             return
@@ -126,6 +129,11 @@ class SparseGradCallback(TrainerCallback):
         kept_energy, overlap = torch.stack([s.cpu() for s in self._stats]).mean(0).tolist()  # one sync per log
         self._stats = []
         extra = {"sparsegrad/kept_energy": round(kept_energy, 4), "sparsegrad/overlap": round(overlap, 4)}
+        total_k = sum(k for _, k in self._layers)
+        if total_k:  # ΔW''s support over Σk: 1 for periodic between refreshes, growing with dynamic selection
+            nnz = sum(layer.sparsegrad_delta[a].nnz for layer, _ in self._layers
+                      if (a := layer.trainable_adapter()) is not None)
+            extra["sparsegrad/support"] = round(nnz / total_k, 3)
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)  # the copy the Trainer keeps in trainer_state.json

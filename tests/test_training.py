@@ -619,6 +619,9 @@ def test_statistics_in_log_history(tmp_path):
         assert 0 < entry["sparsegrad/kept_energy"] <= 1
         assert 0 <= entry["sparsegrad/overlap"] <= 1
     assert logged[0]["sparsegrad/overlap"] == 0  # nothing was selected before the first step
+    # ΔW''s support over Σk: k entries after the first step, then the union of the selections grows
+    support = [entry["sparsegrad/support"] for entry in logged]
+    assert support[0] == 1.0 and all(b >= a for a, b in zip(support, support[1:])) and support[-1] > 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
