@@ -1059,11 +1059,12 @@ def _live(r: dict) -> Optional[float]:
 def bases_bytes(layer_types: dict, method: str, dtype: str = "fp32") -> int:
     """U_out (out²) and U_in (in²) per layer type, float32 for fp32 weights and float16 for bf16 weights (as the
     layers store them by default; float16 always for sparsegrad-f16bases); none for MeProp (identity bases)."""
-    size = 2 if dtype == "bf16" or method == "sparsegrad-f16bases" else 4
+    size = 2 if _bases_dtype_name(dtype, method) == "float16" else 4
     return 0 if method == "meprop" else sum(size * (o * o + i * i) for o, i in layer_types.values())
 
 
 def _bases_dtype_name(dtype: str, method: str = "") -> str:
+    """How the layers of a ``dtype`` run of ``method`` store their bases."""
     return "float16" if dtype == "bf16" or method == "sparsegrad-f16bases" else "float32"
 
 

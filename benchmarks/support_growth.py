@@ -66,11 +66,9 @@ def run_mode(mode: str, args, conversations, bases) -> dict:
     layers = block_indices(model, 3)
     stream = iter(batches(data.examples, collator, args.batch_size, seed=args.seed,
                           n_batches=args.steps + args.calibration_steps))
-    calibration = [next(stream) for _ in range(args.calibration_steps)]  # the same batches skipped by every mode
-    if bases is not None:
-        calibration = None
+    calibration = [next(stream) for _ in range(args.calibration_steps)]  # skipped by every mode alike
     setup = setup_sft_method("sparsegrad", model, layers=layers, keep_ratio=args.keep_ratio,
-                             calibration=calibration, calibration_steps=args.calibration_steps, bases=bases,
+                             calibration=calibration if bases is None else None, calibration_steps=args.calibration_steps, bases=bases,
                              sparse_optimizer=sparse_optimizer, selection=selection,
                              refresh_interval=args.refresh_interval)
     peft_model = setup.model
