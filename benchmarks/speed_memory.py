@@ -113,7 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=None,
                    help=f"comma list of {', '.join(MODELS)} (default minilm,llama); 'none': only the Gram timing")
-    p.add_argument("--methods", default=",".join(ALL_METHODS))
+    p.add_argument("--methods", default=",".join(m for m in ALL_METHODS if m != "sparsegrad-f16bases"),
+                   help="comma-separated; sparsegrad-f16bases (decoders only) on request")
     p.add_argument("--batch-size", type=int, default=None,
                    help="default 32 (8 when every model is a decoder: the issue's SmolLM2 protocol; --quick: 8)")
     p.add_argument("--seq-len", type=int, default=None,
