@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--selection", default="dynamic", choices=["dynamic", "periodic"],
                    help="SparseGrad/MeProp top-k selection: every step, or a support refreshed every N steps")
     p.add_argument("--refresh-interval", type=int, default=100, help="N for --selection periodic")
+    p.add_argument("--bases-dtype", default="float16", choices=["float16", "float32"],
+                   help="SparseGrad's storage of U_out, U_in (SparseGradConfig.bases_dtype)")
     p.add_argument("--lr-grid", action="append", default=[], metavar="METHOD=LR,LR,...",
                    help="override a method's learning-rate grid, e.g. --lr-grid lora=1e-3,3e-3")
     p.add_argument("--select-fraction", type=float, default=0.2, help="held-out share of train for LR selection")
@@ -93,7 +95,8 @@ def run_method(method: str, args) -> dict:
         setup = setup_method(method, base, args.keep_ratio,
                              calibration_batches(train_ds, collator, args.batch_size, seed),
                              args.calibration_steps, sparse_optimizer=args.sparse_optimizer,
-                             selection=args.selection, refresh_interval=args.refresh_interval)
+                             selection=args.selection, refresh_interval=args.refresh_interval,
+                             bases_dtype=args.bases_dtype)
         result = train_and_evaluate(setup, train_ds, eval_ds, collator, spec, lr=lr, seed=seed, output_dir=workdir,
                                     **common)
         result.pop("trainer")
@@ -204,7 +207,7 @@ def main(argv=None) -> dict:
                   f"max_seq_length={args.max_seq_length}, keep_ratio={args.keep_ratio}, calibration_steps="
                   f"{args.calibration_steps}, sparse optimizer={args.sparse_optimizer}, selection={args.selection}"
                   + (f" (refresh every {args.refresh_interval} steps)" if args.selection == "periodic" else "")
-                  + f", LR grids={grids(args)} "
+                  + f", bases_dtype={args.bases_dtype}, LR grids={grids(args)} "
                   f"(chosen on a {args.select_fraction:.0%} split of train, seed 0). Trainable besides the MLP "
                   "adapter: the classification head only (attention, embeddings, LayerNorm frozen) for lora/meprop/"
                   f"sparsegrad; everything for full. torch {torch.__version__}, {torch.get_num_threads()} torch thread(s) on "

@@ -97,11 +97,12 @@ from typing import Any, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 ALL_METHODS = ("full", "lora", "meprop", "sparsegrad", "sparsegrad-lean", "sparsegrad-periodic", "galore",
-               "sparsegrad-f16bases")
-# sparsegrad-f16bases (decoders only): the default config with bases_dtype="float16" (for float32 weights)
+               "sparsegrad-f32bases")
+# sparsegrad-f32bases: the default config (lean AdamW) with bases_dtype="float32" (exactly orthogonal bases, twice
+# their memory): what the float16 default saves
 MODELS = ("minilm", "llama", "llama-gpu", "tiny-bert", "smollm2", "tiny-llama")
 DECODERS = ("smollm2", "tiny-llama")  # causal LMs: up_proj/down_proj of every third block, no head
-PROBED_METHODS = ("meprop", "sparsegrad", "sparsegrad-lean", "sparsegrad-periodic", "sparsegrad-f16bases")  # live-bytes split, see --probe
+PROBED_METHODS = ("meprop", "sparsegrad", "sparsegrad-lean", "sparsegrad-periodic", "sparsegrad-f32bases")  # live-bytes split, see --probe
 MIB = 2**20
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -113,8 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=None,
                    help=f"comma list of {', '.join(MODELS)} (default minilm,llama); 'none': only the Gram timing")
-    p.add_argument("--methods", default=",".join(m for m in ALL_METHODS if m != "sparsegrad-f16bases"),
-                   help="comma-separated; sparsegrad-f16bases (decoders only) on request")
+    p.add_argument("--methods", default=",".join(m for m in ALL_METHODS if m != "sparsegrad-f32bases"),
+                   help="comma-separated; sparsegrad-f32bases (float32 bases) on request")
     p.add_argument("--batch-size", type=int, default=None,
                    help="default 32 (8 when every model is a decoder: the issue's SmolLM2 protocol; --quick: 8)")
     p.add_argument("--seq-len", type=int, default=None,
@@ -272,6 +273,18 @@ def _tensor_bytes(obj: Any, seen: set, depth: int = 0) -> int:
     if hasattr(obj, "__dict__") and not isinstance(obj, type):
         return sum(_tensor_bytes(v, seen, depth + 1) for v in vars(obj).values())
     return 0
+
+
+def _stored_bases_dtype(model) -> Optional[str]:
+    """The storage dtype of the SparseGrad layers' bases after training ("float16"/"float32"); None without any."""
+    from peft_sparsegrad import SparseGradLayer
+
+    for module in model.modules():
+        if isinstance(module, SparseGradLayer):
+            for pair in module.sparsegrad_bases.values():
+                if pair is not None and not pair.is_identity:
+                    return str(pair.U_out.dtype).removeprefix("torch.")
+    return None
 
 
 def adapter_extra_bytes(model) -> int:
@@ -444,12 +457,11 @@ def setup(method: str, model_name: str, base, args) -> tuple[Any, Any, dict]:
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
             info["note"] = s.note + ("" if method == "full" else "; torch.optim.AdamW")
         return model, optimizer, info
-    if method == "sparsegrad-f16bases":
-        raise SystemExit("sparsegrad-f16bases is measured on the decoder models only")
     # sparsegrad, sparsegrad-lean, sparsegrad-periodic: bases calibrated on synthetic batches (not the training
     # batches). The sparsegrad worker calibrates (timed) and writes the bases to --bases-file; the others reuse it.
     mode = "sparse_adam" if method == "sparsegrad" else "adamw"
     selection = "periodic" if method == "sparsegrad-periodic" else "dynamic"
+    bases_dtype = "float32" if method == "sparsegrad-f32bases" else "float16"
     n = _calibration_steps(model_name, args)
     bases_file = args.bases_file or os.path.join(tempfile.mkdtemp(prefix="sparsegrad_bases_"), "bases.safetensors")
     if method != "sparsegrad" and os.path.exists(bases_file):
@@ -462,7 +474,7 @@ def setup(method: str, model_name: str, base, args) -> tuple[Any, Any, dict]:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     s = setup_method("sparsegrad", base, keep_ratio=args.keep_ratio, bases=bases_file, sparse_optimizer=mode,
-                     selection=selection, refresh_interval=args.refresh_interval)
+                     selection=selection, refresh_interval=args.refresh_interval, bases_dtype=bases_dtype)
     if cuda:
         torch.cuda.synchronize()
     info["injection_s"] = time.perf_counter() - t0
@@ -530,8 +542,8 @@ def setup_decoder(method: str, model_name: str, base, args) -> tuple[Any, Any, d
                   refresh_interval=args.refresh_interval)
     if mode != "adamw":  # "adamw" is the default: sparsegrad-lean / -periodic / meprop use the default config
         common["sparse_optimizer"] = mode
-    if method == "sparsegrad-f16bases":
-        common["bases_dtype"] = "float16"
+    if method == "sparsegrad-f32bases":
+        common["bases_dtype"] = "float32"
     if method == "meprop":
         config = SparseGradConfig(bases="identity", **common)
         bases_note = "identity bases (MeProp)"
@@ -555,7 +567,7 @@ def setup_decoder(method: str, model_name: str, base, args) -> tuple[Any, Any, d
     chosen = "per step" if selection == "dynamic" else f"support re-selected every {args.refresh_interval} steps"
     info["note"] = (f"top-{args.keep_ratio:.2%} ({budget['sparsegrad_k']} entries, {chosen}) of {where}; "
                     f"create_sparsegrad_optimizer, sparse_optimizer {mode!r}; {bases_note}"
-                    + ("; bases_dtype='float16'" if method == "sparsegrad-f16bases" else ""))
+                    + ("; bases_dtype='float32'" if method == "sparsegrad-f32bases" else ""))
     return model, optimizer, info
 
 
@@ -746,6 +758,7 @@ def worker_train(model_name: str, method: str, args) -> dict:
             "adapter_extra": adapter_extra_bytes(model),
         },
         "live": live,
+        "bases_dtype": _stored_bases_dtype(model),
         "trainable_numel": sum(p.numel() for p in params if p.requires_grad),
         "memory": {
             "rss_at_start_mib": rss_start,
@@ -928,7 +941,7 @@ def _worker_cmd(job: str, out: str, args) -> list[str]:
     return cmd
 
 
-_BASES_JOBS = (":sparsegrad", ":sparsegrad-lean", ":sparsegrad-periodic", ":sparsegrad-f16bases")  # share one calibration per model
+_BASES_JOBS = (":sparsegrad", ":sparsegrad-lean", ":sparsegrad-periodic", ":sparsegrad-f32bases")  # share one calibration per model
 
 
 def run_worker(job: str, args, tmp: str) -> dict:
@@ -1057,16 +1070,22 @@ def _live(r: dict) -> Optional[float]:
     return (r.get("live") or {}).get("extra_bytes_per_adapted_weight")
 
 
-def bases_bytes(layer_types: dict, method: str, dtype: str = "fp32") -> int:
-    """U_out (out²) and U_in (in²) per layer type, float32 for fp32 weights and float16 for bf16 weights (as the
-    layers store them by default; float16 always for sparsegrad-f16bases); none for MeProp (identity bases)."""
-    size = 2 if _bases_dtype_name(dtype, method) == "float16" else 4
+def bases_bytes(layer_types: dict, method: str, dtype: str = "fp32", r: Optional[dict] = None) -> int:
+    """U_out (out²) and U_in (in²) per layer type, in the dtype the layers store them (``_bases_dtype_name``); none
+    for MeProp (identity bases)."""
+    size = 2 if _bases_dtype_name(dtype, method, r) == "float16" else 4
     return 0 if method == "meprop" else sum(size * (o * o + i * i) for o, i in layer_types.values())
 
 
-def _bases_dtype_name(dtype: str, method: str = "") -> str:
-    """How the layers of a ``dtype`` run of ``method`` store their bases."""
-    return "float16" if dtype == "bf16" or method == "sparsegrad-f16bases" else "float32"
+def _bases_dtype_name(dtype: str, method: str = "", r: Optional[dict] = None) -> str:
+    """How the layers of a ``dtype`` run of ``method`` store their bases: as the worker recorded it (``r``), else by
+    the rule of the code that wrote older result files (float16 only for bf16 weights and the former
+    sparsegrad-f16bases), else by today's default (float16, float32 for sparsegrad-f32bases)."""
+    if r is not None and r.get("bases_dtype"):
+        return r["bases_dtype"]
+    if r is not None:  # a result file from before the float16 default
+        return "float16" if dtype == "bf16" or method == "sparsegrad-f16bases" else "float32"
+    return "float32" if method == "sparsegrad-f32bases" else "float16"
 
 
 def live_split(r: dict, probe: dict, dtype: str = "fp32") -> dict:
@@ -1075,10 +1094,11 @@ def live_split(r: dict, probe: dict, dtype: str = "fp32") -> dict:
     w = r["live"]["adapted_weights"]
     k1, k2 = r["sparsegrad_k"], probe["sparsegrad_k"]
     b1, b2 = r["live"]["extra_bytes"], probe["live"]["extra_bytes"]
-    bases = bases_bytes(r["layer_types"], r["method"], dtype)
+    bases = bases_bytes(r["layer_types"], r["method"], dtype, r)
     per_k = (b2 - b1) / (k2 - k1)
     dense = (b1 - bases - per_k * k1) / w
     return {"dense_bytes_per_weight": dense, "bytes_per_support_entry": per_k, "bases_bytes": bases,
+            "bases_dtype": _bases_dtype_name(dtype, r["method"], r),
             "keep_ratios": [r["keep_ratio"], probe["keep_ratio"]], "sum_k": [k1, k2], "extra_bytes": [b1, b2],
             "adapted_weights": w,
             "formula": "extra = dense_bytes_per_weight · Σ out·in + bytes_per_support_entry · Σ k + bases"}
@@ -1147,13 +1167,13 @@ def state_table(runs: list[dict], keep_ratio: float = 0.01, lora_rank: int = 32,
                     split = r.get("live_split")
                     if not split:
                         continue
-                    b7 = bases_bytes(LLAMA7B_TYPES, m, dtype)
+                    b7 = bases_bytes(LLAMA7B_TYPES, m, dtype, r)
                     b = split["dense_bytes_per_weight"] * w + split["bytes_per_support_entry"] * sum_k + b7
                     rows[m] = {"bytes": b, "bytes_per_weight": b / w,
                                "how": (f"measured on {model_name} ({dtype}): {split['dense_bytes_per_weight']:.3f} B "
                                        f"per weight + {split['bytes_per_support_entry']:.2f} B per support entry "
                                        f"(Σ k = {sum_k:,} at keep_ratio {keep_ratio})"
-                                       + (f" + bases {b7 / 2**30:.2f} GiB ({_bases_dtype_name(dtype, m)} out² + "
+                                       + (f" + bases {b7 / 2**30:.2f} GiB ({_bases_dtype_name(dtype, m, r)} out² + "
                                           "in² per layer type)"
                                           if b7 else " (identity bases: none)"))}
                 entry["rows"][case] = {"blocks": blocks, "adapted_weights": w, "sum_k": sum_k, "methods": rows}
@@ -1327,15 +1347,15 @@ def write_markdown(results: dict, path: str) -> None:
         if splits:
             lines += ["Split of the extra live bytes, from a second run of the same method at another keep_ratio "
                       "(same steps): extra = dense · Σ out·in + per_k · Σ k + bases "
-                      "(out² + in² per layer type, in the dtype the layers store them: float32, float16 for bf16 "
-                      "weights and for sparsegrad-f16bases):", "",
-                      "| method | keep_ratios | extra bytes | dense B / weight | B / support entry | bases (MiB) |",
+                      "(out² + in² per layer type, in the dtype the layers store them, see the bases column):", "",
+                      "| method | keep_ratios | extra bytes | dense B / weight | B / support entry | bases (MiB, storage) |",
                       "|---|---|---|---|---|---|"]
             for m, sp in splits:
                 lines.append(f"| {m} | {' / '.join(f'{v:g}' for v in sp['keep_ratios'])} | "
                              f"{' / '.join(f'{v:,}' for v in sp['extra_bytes'])} | "
                              f"{sp['dense_bytes_per_weight']:.3f} | {sp['bytes_per_support_entry']:.2f} | "
-                             f"{sp['bases_bytes'] / MIB:.2f} |")
+                             f"{sp['bases_bytes'] / MIB:.2f}" + (f" ({sp['bases_dtype']})" if sp.get("bases_dtype")
+                                                                  and sp["bases_bytes"] else "") + " |")
             lines.append("")
         cal_lines = []
         for method, r in per_method.items():

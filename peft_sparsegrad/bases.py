@@ -91,6 +91,12 @@ class BasisPair:
             other = stored[dtype] = BasisPair(self.U_out.to(dtype), self.U_in.to(dtype))
         return other
 
+    def exact_in(self, dtype: torch.dtype) -> bool:
+        """Whether storing this pair in ``dtype`` loses nothing (a loaded adapter's bases must stay what it trained with)."""
+        if self.is_identity:
+            return True
+        return all(torch.equal(u.to(dtype).to(u.dtype), u) for u in (self.U_out, self.U_in))
+
     def float32(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U_out, U_in) in float32, not cached (merges, unmerges: outside the training step)."""
         return self.U_out.float(), self.U_in.float()

@@ -159,6 +159,9 @@ def _add_sft_parser(sub) -> None:
     m.add_argument("--selection", default="dynamic", choices=["dynamic", "periodic"])
     m.add_argument("--refresh-interval", type=_positive_int, default=100)
     m.add_argument("--gram-precision", default="fp32", choices=["fp32", "bf16"])
+    m.add_argument("--bases-dtype", default="float16", choices=["float16", "float32"],
+                   help="storage of the bases U_out, U_in (sparsegrad): float16 (default, half the memory, orthogonal to "
+                        "~6e-4) or float32 (exactly orthogonal)")
     t = sft.add_argument_group("training")
     t.add_argument("--epochs", type=_positive_float, default=1.0)
     t.add_argument("--lr", type=_positive_float, default=None,
@@ -210,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gram-precision", default="fp32", choices=["fp32", "bf16"],
                    help="arithmetic of the bases (sparsegrad, when calibrating): fp32 (float64 sums and eigh, "
                         "default) or bf16 (bfloat16 products, float32 sums and eigh: faster, half the memory)")
+    m.add_argument("--bases-dtype", default="float16", choices=["float16", "float32"],
+                   help="storage of the bases U_out, U_in (sparsegrad): float16 (default, half the memory, orthogonal to "
+                        "~6e-4) or float32 (exactly orthogonal)")
     t = ft.add_argument_group("training")
     t.add_argument("--epochs", type=_positive_float, default=3.0)
     t.add_argument("--lr", type=_positive_float, default=None,
@@ -575,7 +581,8 @@ def cmd_finetune(args) -> int:
                          calibration_batches(data.train, collator, args.batch_size, args.seed),
                          args.calibration_steps, bases=args.bases, sparse_optimizer=args.sparse_optimizer,
                          gram_precision=args.gram_precision, selection=args.selection,
-                         refresh_interval=args.refresh_interval, progress=not args.no_progress)
+                         refresh_interval=args.refresh_interval, bases_dtype=args.bases_dtype,
+                         progress=not args.no_progress)
     print(f"Trainable per step: {setup.trainable_params:,} ({setup.note})", flush=True)
 
     with tempfile.TemporaryDirectory() as workdir:
@@ -605,6 +612,7 @@ def cmd_finetune(args) -> int:
                              and args.selection == "periodic" else None),
         "calibration_steps": args.calibration_steps if args.method == "sparsegrad" and not args.bases else None,
         "gram_precision": args.gram_precision if args.method == "sparsegrad" and not args.bases else None,
+        "bases_dtype": args.bases_dtype if args.method == "sparsegrad" else None,
         "train_samples": len(data.train), "eval_samples": len(data.dev), "num_labels": data.num_labels,
         "label_names": data.label_names, "model": model_path, "peak_rss_mb": round(peak_rss_mb(), 1),
         "torch": torch.__version__,
@@ -718,7 +726,8 @@ def cmd_sft(args) -> int:
                 max_seq_length=args.max_seq_length, blocks_every=args.blocks_every, keep_ratio=args.keep_ratio,
                 calibration_steps=args.calibration_steps, bases=bases, sparse_optimizer=args.sparse_optimizer,
                 selection=args.selection, refresh_interval=args.refresh_interval,
-                gram_precision=args.gram_precision, seed=args.seed, bf16=args.bf16, num_samples=3,
+                gram_precision=args.gram_precision, bases_dtype=args.bases_dtype, seed=args.seed, bf16=args.bf16,
+                num_samples=3,
                 max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
     except OSError as exc:
         raise CLIError(f"--model {model_path!r} could not be loaded: {_one_line(exc)}") from exc

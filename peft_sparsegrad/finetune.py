@@ -79,9 +79,10 @@ def setup_method(
     selection: str = "dynamic",
     refresh_interval: int = 100,
     progress: bool = True,
+    bases_dtype: str = "float16",
 ) -> MethodSetup:
     """Wrap ``base_model`` for ``method``. ``calibration`` returns a fresh iterable of batches (SparseGrad only);
-    ``gram_precision`` is ``SparseGradConfig.gram_precision`` of that calibration."""
+    ``gram_precision`` and ``bases_dtype`` are those fields of ``SparseGradConfig``."""
     from peft import LoraConfig, get_peft_model
 
     if method not in METHODS:
@@ -100,7 +101,7 @@ def setup_method(
         return MethodSetup(model, [], budget["lora_params"] + head,
                            f"LoRA r={budget['lora_rank']} on the MLP ({budget['lora_params']} params) + head")
     common = dict(task_type="SEQ_CLS", keep_ratio=keep_ratio, sparse_optimizer=sparse_optimizer, selection=selection,
-                  refresh_interval=refresh_interval)
+                  refresh_interval=refresh_interval, bases_dtype=bases_dtype)
     if method == "meprop":
         config = SparseGradConfig(bases="identity", **common)
     elif bases is not None:

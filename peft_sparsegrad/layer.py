@@ -94,7 +94,7 @@ class SparseGradLayer(BaseTunerLayer):
         init_weights: bool = True,
         inference_mode: bool = False,
         refresh_interval: int = 0,
-        bases_dtype: str = "auto",
+        bases_dtype: str = "float16",
     ) -> None:
         if not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
@@ -237,7 +237,7 @@ class SparseGradLayer(BaseTunerLayer):
         return self.get_base_layer().weight.dtype in (torch.float16, torch.bfloat16)
 
     def _bases_storage_dtype(self, adapter_name: str) -> torch.dtype:
-        choice = self.sparsegrad_bases_dtype.get(adapter_name, "auto")
+        choice = self.sparsegrad_bases_dtype.get(adapter_name, "float16")
         half = choice == "float16" or (choice == "auto" and self._is_half())
         return torch.float16 if half else torch.float32
 
@@ -376,7 +376,7 @@ class SparseGradLinear(nn.Module, SparseGradLayer):
         layer_type: str,
         init_weights: bool = True,
         refresh_interval: int = 0,
-        bases_dtype: str = "auto",
+        bases_dtype: str = "float16",
         **kwargs: Any,
     ) -> None:
         super().__init__()

@@ -134,7 +134,7 @@ class SparseGradModel(BaseTuner):
         init_weights = peft_config.init_weights or peft_config.layer_shapes is not None
         args = (peft_config.keep_ratio, pairs[layer_type], layer_type, init_weights)
         refresh = peft_config.refresh_interval if getattr(peft_config, "selection", "dynamic") == "periodic" else 0
-        bases_dtype = getattr(peft_config, "bases_dtype", "auto")
+        bases_dtype = getattr(peft_config, "bases_dtype", "float16")
         if isinstance(target, SparseGradLinear):
             target.update_layer(adapter_name, *args, refresh_interval=refresh, bases_dtype=bases_dtype)
             return
@@ -204,10 +204,10 @@ class SparseGradModel(BaseTuner):
         for name, module in model.named_modules():
             if not isinstance(module, SparseGradLayer) or adapter_name not in module.sparsegrad_delta:
                 continue
-            pair = module.sparsegrad_bases[adapter_name]
-            if pair is None:
+            if module.sparsegrad_bases[adapter_name] is None:
                 raise ValueError(f"Adapter '{adapter_name}' has no bases yet (calibration pending or not loaded); "
                                  "nothing consistent can be saved. " + NO_BASES_ERROR)
+            pair = module.pair(adapter_name)  # in its storage dtype (bases_dtype) even before the first step
             delta = module.sparsegrad_delta[adapter_name]
             rows, cols = delta.rows_cols()
             # the sparse change of W' on its support (zeros included: the support is what optimizer moments follow)
@@ -231,7 +231,9 @@ class SparseGradModel(BaseTuner):
             layer_type, name = split_bases_key(key)
             loaded.setdefault(layer_type, {})[name] = state_dict.pop(key)
         pairs = {t: BasisPair(d["U_out"].float(), d["U_in"].float()) for t, d in loaded.items()}
+        exact: dict[tuple[str, torch.dtype], bool] = {}
         new_bases: dict[str, BasisPair] = {}
+        keep_float32: list[str] = []
         for name, layer in layers.items():
             layer_type = layer.sparsegrad_type[adapter_name]
             pair = pairs.get(layer_type)
@@ -247,6 +249,11 @@ class SparseGradModel(BaseTuner):
                     "a base model with other shapes."
                 )
             new_bases[name] = pair
+            # Bases saved in float32 by a float32-bases run (or an older version) stay float32 even where the config
+            # says float16: rounding them would move the merged W away from what was trained.
+            storage = layer._bases_storage_dtype(adapter_name)
+            if storage != torch.float32 and not exact.setdefault((layer_type, storage), pair.exact_in(storage)):
+                keep_float32.append(name)
         deltas: dict[str, SparseDelta] = {}
         for key in [k for k in state_dict if k.endswith(".sparsegrad_indices")]:
             head = key.removesuffix(".sparsegrad_indices")
@@ -269,6 +276,8 @@ class SparseGradModel(BaseTuner):
         # all checks passed: now change the model (W follows ΔW' where the adapter is applied)
         for name, pair in new_bases.items():
             layers[name].sparsegrad_bases[adapter_name] = pair.to(layers[name].get_base_layer().weight.device)
+        for name in keep_float32:
+            layers[name].sparsegrad_bases_dtype[adapter_name] = "float32"
         for name, delta in deltas.items():
             layers[name].set_delta(adapter_name, delta)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)

@@ -437,7 +437,8 @@ def setup_sft_method(method: str, base_model, *, layers: Sequence[int], keep_rat
                      target_modules: Sequence[str] = DEFAULT_TARGETS,
                      calibration: Optional[Iterable[dict]] = None, calibration_steps: int = 8,
                      bases: Any = None, sparse_optimizer: str = "adamw", selection: str = "dynamic",
-                     refresh_interval: int = 100, gram_precision: str = "fp32", progress: bool = False) -> SFTSetup:
+                     refresh_interval: int = 100, gram_precision: str = "fp32", bases_dtype: str = "float16",
+                     progress: bool = False) -> SFTSetup:
     """Wrap ``base_model`` (a causal LM) for ``method`` on ``target_modules`` of blocks ``layers``.
 
     ``calibration``: collated training batches with labels (sparsegrad, unless ``bases`` — a path or a
@@ -466,7 +467,8 @@ def setup_sft_method(method: str, base_model, *, layers: Sequence[int], keep_rat
         model = get_peft_model(base_model, config)
         return SFTSetup(model, [], budget["lora_params"], f"LoRA r={r} on {where} ({budget['lora_params']:,} params)")
     common = dict(task_type="CAUSAL_LM", target_modules=targets, layers_to_transform=layers, keep_ratio=keep_ratio,
-                  sparse_optimizer=sparse_optimizer, selection=selection, refresh_interval=refresh_interval)
+                  sparse_optimizer=sparse_optimizer, selection=selection, refresh_interval=refresh_interval,
+                  bases_dtype=bases_dtype)
     start = time.perf_counter()
     if method == "meprop":
         config = SparseGradConfig(bases="identity", **common)
@@ -580,7 +582,7 @@ def train_sft(model_path: str, train_conversations: Sequence[Conversation], eval
               max_seq_length: int = 512, blocks_every: int = 3, keep_ratio: float = 0.01,
               calibration_steps: int = 8, bases: Any = None, sparse_optimizer: str = "adamw",
               selection: str = "dynamic", refresh_interval: int = 100, gram_precision: str = "fp32",
-              seed: int = 0, bf16: bool = False, output_dir: Optional[str] = None, num_samples: int = 3,
+              bases_dtype: str = "float16", seed: int = 0, bf16: bool = False, output_dir: Optional[str] = None, num_samples: int = 3,
               max_new_tokens: int = 48, progress: bool = False, eval_before: Optional[dict] = None,
               samples_before: Optional[list[str]] = None, eval_batch_size: int = 8,
               max_steps: int = -1) -> dict[str, Any]:
@@ -616,6 +618,7 @@ def train_sft(model_path: str, train_conversations: Sequence[Conversation], eval
     setup = setup_sft_method(method, model, layers=layers, keep_ratio=keep_ratio, calibration=calibration,
                              calibration_steps=calibration_steps, bases=bases, sparse_optimizer=sparse_optimizer,
                              selection=selection, refresh_interval=refresh_interval, gram_precision=gram_precision,
+                             bases_dtype=bases_dtype,
                              progress=progress)
     with tempfile.TemporaryDirectory() as scratch:
         result = train(setup, train_data, collator, lr=lr, epochs=epochs, batch_size=batch_size, seed=seed,

@@ -74,10 +74,14 @@ def weights_of(model):
     return {name: m.get_base_layer().weight.detach().clone() for name, m in layers(model).items()}
 
 
+def _float32_pair(m):
+    """(U_out, U_in) of a layer in float32 (stored float16 by default), copies."""
+    pair = m.sparsegrad_bases["default"]
+    return pair.U_out.float().clone(), pair.U_in.float().clone()
+
+
 def bases_of(model):
-    return {m.sparsegrad_type["default"]: (m.sparsegrad_bases["default"].U_out.clone(),
-                                           m.sparsegrad_bases["default"].U_in.clone())
-            for m in layers(model).values()}
+    return {m.sparsegrad_type["default"]: _float32_pair(m) for m in layers(model).values()}
 
 
 class RecordingTrainer(Trainer):
@@ -139,8 +143,7 @@ def main(out_dir: str) -> None:
         "pending_deltas": deltas_of(pending),
         "periodic_deltas": deltas_of(periodic),
         "periodic_weights": weights_of(periodic),
-        "periodic_bases": {name: (m.sparsegrad_bases["default"].U_out.clone(), m.sparsegrad_bases["default"].U_in.clone())
-                           for name, m in layers(periodic).items()},
+        "periodic_bases": {name: _float32_pair(m) for name, m in layers(periodic).items()},
         "periodic_supports": supports,
         "base_weights": base_weights(),
         "rank": rank,
@@ -149,8 +152,7 @@ def main(out_dir: str) -> None:
         "initial": initial,
         "deltas": deltas_of(model),
         "weights": weights_of(model),
-        "layer_bases": {name: (m.sparsegrad_bases["default"].U_out.clone(), m.sparsegrad_bases["default"].U_in.clone())
-                        for name, m in layers(model).items()},
+        "layer_bases": {name: _float32_pair(m) for name, m in layers(model).items()},
         "classifier": [head.weight.detach().clone(), head.bias.detach().clone()],
         "bases": bases_of(model),
         "local_bases": local_bases,

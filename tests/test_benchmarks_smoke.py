@@ -104,6 +104,9 @@ def test_speed_memory_quick(tmp_path):
     assert decoder["lora"]["live"]["extra_bytes"] < decoder["full"]["live"]["extra_bytes"]
     split = decoder["sparsegrad-lean"]["live_split"]  # from the probe run at twice the keep_ratio
     assert split["bases_bytes"] > 0 and split["keep_ratios"] == [0.01, 0.02]
+    # the storage the layers actually held (float16 by default), recorded per run and used for the bases' bytes
+    assert decoder["sparsegrad-lean"]["bases_dtype"] == split["bases_dtype"] == "float16"
+    assert decoder["full"]["bases_dtype"] is None
     assert "sparsegrad-lean" in data["probes"]["tiny-llama"]
     table = data["state_table"]["by_dtype"]["fp32"]
     for case in table["rows"].values():

@@ -83,10 +83,12 @@ def test_finetune_sparsegrad_end_to_end(finetuned):
     assert results["bases"] == "calibrated (2 steps)" and results["train_samples"] == 32
     assert results["label_names"] == ["negative", "positive"]
     config = json.loads((out_dir / "adapter_config.json").read_text())
-    assert config["peft_type"] == "SPARSEGRAD" and config["keep_ratio"] == 0.01
+    assert config["peft_type"] == "SPARSEGRAD" and config["keep_ratio"] == 0.01 and config["bases_dtype"] == "float16"
     with safe_open(str(out_dir / "adapter_model.safetensors"), framework="pt") as f:
         nnz = sum(f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith(".sparsegrad_values"))
+        u_out = [f.get_tensor(k) for k in f.keys() if k.endswith(".U_out")]
     assert nnz > 0  # two optimizer steps changed ΔW'
+    assert u_out and all(torch.equal(u.half().float(), u) for u in u_out)  # the float16 values it trained with
     assert "Dev accuracy:" in stdout
     # reloaded from disk onto a fresh base model: same outputs as the trained model, then 3 predictions
     diff = float(stdout.split("vs. the trained model = ")[1].split()[0])
@@ -113,10 +115,13 @@ def test_calibrate_then_finetune_reuses_bases(glue_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(peft_sparsegrad.calibration, "collect_bases", no_calibration)
     out_dir = tmp_path / "adapter"
     code, stdout, stderr = _run(["finetune", "--task", "SST-2", "--data-dir", glue_dir, *TINY, "--bases", bases_file,
-                                 "--output-dir", out_dir])
+                                 "--bases-dtype", "float32", "--output-dir", out_dir])
     assert code == 0, stderr
     assert f"Bases: reusing {bases_file}" in stdout
-    assert json.loads((out_dir / "results.json").read_text())["bases"] == str(bases_file)
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["bases"] == str(bases_file) and results["bases_dtype"] == "float32"
+    assert json.loads((out_dir / "adapter_config.json").read_text())["bases_dtype"] == "float32"
+    # float32 storage: the adapter holds the calibrated bases bit for bit
     saved, reused = load_bases(bases_file), load_bases(out_dir)
     assert sorted(saved.pairs) == sorted(reused.pairs)
     for layer_type, pair in saved.pairs.items():
@@ -301,6 +306,7 @@ def test_sft_end_to_end(sft_run, chat_data):
     assert "Eval loss (assistant tokens):" in stdout and "Greedy generations" in stdout
     config = json.loads((out_dir / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM" and config["layers_to_transform"] == [0, 3]
+    assert config["bases_dtype"] == "float16"
     base = config["base_model_name_or_path"]
     assert os.path.isabs(base)
     AutoModelForCausalLM.from_pretrained(base)  # the recorded base loads on this machine

@@ -69,7 +69,9 @@ def test_keep_ratio_one_sgd_equals_full_finetuning(arch):
         p.requires_grad_(n in names)
     sgd = torch.optim.SGD([p for p in full.parameters() if p.requires_grad], lr=lr)
 
-    config = SparseGradConfig(keep_ratio=1.0, calibration_steps=3, modules_to_save=None,
+    # float32 bases: exactly orthogonal, so the match is to float32 rounding (float16 ones: see
+    # test_float16_bases_on_float32_weights_match_full_fine_tuning_to_their_precision)
+    config = SparseGradConfig(keep_ratio=1.0, calibration_steps=3, modules_to_save=None, bases_dtype="float32",
                               calibration_dataloader=batch_stream(arch, seed=7))
     model = get_peft_model(base, config)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -235,7 +237,9 @@ def test_layer_forward_and_gradients_exact(which, support):
     create_sparsegrad_optimizer(model, lr=0.1)  # routes W (otherwise backward refuses)
 
     delta = layer.get_delta_weight("default")
-    manual = pair.U_out @ delta_prime @ pair.U_in.T  # ΔW = U_out ΔW' U_inᵀ, out × in
+    u_out, u_in = layer.pair("default").float32()  # the calibrated pair as the layer stores it (float16)
+    torch.testing.assert_close(u_out, pair.U_out, atol=1e-3, rtol=0)
+    manual = u_out @ delta_prime @ u_in.T  # ΔW = U_out ΔW' U_inᵀ, out × in
     torch.testing.assert_close(delta, manual.T if which == "conv" else manual, atol=1e-6, rtol=1e-5)
     # W holds W₀ + ΔW, and base_weight() gives W₀ back
     torch.testing.assert_close(layer.get_base_layer().weight.detach(), w0[which] + delta, atol=1e-6, rtol=1e-5)
@@ -259,9 +263,9 @@ def test_layer_forward_and_gradients_exact(which, support):
     # W.grad is ∂L/∂W; the optimizer rotates it: U_outᵀ (∂L/∂W) U_in
     grad_w = upstream.reshape(-1, out_features).T @ x.reshape(-1, in_features)
     torch.testing.assert_close(rotated_grad(layer, rotate=False), grad_w, atol=1e-4, rtol=1e-5)
-    expected = pair.U_out.T @ grad_w @ pair.U_in
+    expected = u_out.T @ grad_w @ u_in
     torch.testing.assert_close(rotated_grad(layer), expected, atol=1e-4, rtol=1e-5)
-    wrong = pair.U_out.T @ grad_w @ pair.U_in.T  # the authors' transposed input basis
+    wrong = u_out.T @ grad_w @ u_in.T  # the authors' transposed input basis
     assert (rotated_grad(layer) - wrong).abs().max() > 1e-2
 
 
@@ -410,9 +414,9 @@ def test_half_precision_base_models_keep_float32_adapter(arch, dtype):
         assert (layer._residual is None) == (dtype == torch.float32)
         if layer._residual is not None:
             assert layer._residual.dtype == dtype
-        # half-precision layers keep float16 bases (half the memory), still one object per layer type
+        # float16 bases by default (half the memory) whatever the weight's dtype, still one object per layer type
         pair = layer.sparsegrad_bases["default"]
-        assert pair.U_out.dtype == pair.U_in.dtype == (torch.float32 if dtype == torch.float32 else torch.float16)
+        assert pair.U_out.dtype == pair.U_in.dtype == torch.float16
         assert shared.setdefault(layer.sparsegrad_type["default"], pair) is pair
         for u in (pair.U_out, pair.U_in):
             gram = u.double().T @ u.double()
@@ -489,9 +493,39 @@ def test_bases_dtype_sets_the_storage_and_w_follows_the_stored_bases(dtype, choi
     assert all(m.pair("default").U_out.dtype == stored for m in sparsegrad_layers(loaded).values())
 
 
+def test_adapter_saved_with_float32_bases_loads_them_unrounded(tmp_path):
+    """An adapter saved with float32 bases (bases_dtype='float32', or a version before float16 became the default,
+    whose adapter_config.json has no bases_dtype) keeps them float32 on loading: rounding them to the default float16
+    would move the merged W away from the trained one."""
+    arch = "llama"
+    config = SparseGradConfig(calibration_steps=2, calibration_dataloader=batch_stream(arch), bases_dtype="float32")
+    model = get_peft_model(build_model(arch), config)
+    opt = create_sparsegrad_optimizer(model, lr=1e-2)
+    for batch in batch_stream(arch, seed=5, n=2):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    trained = {n: m.get_base_layer().weight.detach().clone() for n, m in sparsegrad_layers(model).items()}
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    del saved["bases_dtype"]  # as an older version wrote it
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    loaded = PeftModel.from_pretrained(build_model(arch), tmp_path)
+    assert loaded.peft_config["default"].bases_dtype == "float16"  # the config's default ...
+    for name, layer in sparsegrad_layers(loaded).items():
+        assert layer.pair("default").U_out.dtype == torch.float32  # ... but the saved bases stay what they were
+        torch.testing.assert_close(layer.get_base_layer().weight, trained[name], atol=1e-6, rtol=0)
+    # a float16-trained adapter's saved values are float16-exact, so its bases load in float16 (shared per type)
+    model16 = get_peft_model(build_model(arch), SparseGradConfig(calibration_steps=2,
+                                                                 calibration_dataloader=batch_stream(arch)))
+    model16.save_pretrained(tmp_path / "f16")
+    loaded16 = PeftModel.from_pretrained(build_model(arch), tmp_path / "f16")
+    assert all(m.pair("default").U_out.dtype == torch.float16 for m in sparsegrad_layers(loaded16).values())
+
+
 def test_float16_bases_on_float32_weights_match_full_fine_tuning_to_their_precision():
     """keep_ratio = 1 + SGD: one step changes W by U_out U_outᵀ G U_in U_inᵀ, = G for orthogonal bases. Float32
-    bases give full fine-tuning to float32 rounding; float16 bases (bases_dtype='float16') to their ~1e-3."""
+    bases give full fine-tuning to float32 rounding; float16 bases (the default) to their ~1e-3."""
     torch.manual_seed(0)
     n_out, n_in = 48, 32
     g = torch.randn(n_out, n_in)

@@ -122,7 +122,8 @@ def test_ddp_trainer_data_calibration_gives_identical_bases(ranks):
     for layer_type, (u_out, u_in) in a["pending_bases"].items():
         assert torch.equal(u_out, b["pending_bases"][layer_type][0]), layer_type
         assert torch.equal(u_in, b["pending_bases"][layer_type][1]), layer_type
-        torch.testing.assert_close(u_out.T @ u_out, torch.eye(u_out.shape[0]), atol=1e-4, rtol=0)
+        # stored in float16 (the default): orthogonal to its rounding
+        torch.testing.assert_close(u_out.T @ u_out, torch.eye(u_out.shape[0]), atol=2e-3, rtol=0)
     for name, delta in a["pending_deltas"].items():
         assert torch.equal(delta, b["pending_deltas"][name]), name
         assert delta.abs().sum() > 0, name

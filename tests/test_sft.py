@@ -226,8 +226,8 @@ def test_trl_sft_trainer_calibrates_on_its_own_batches(tok, tmp_path):
     for name, layer in layers.items():
         pair = layer.sparsegrad_bases["default"]
         assert pair is not None and not pair.is_identity, name
-        eye = torch.eye(pair.U_out.shape[0])
-        torch.testing.assert_close(pair.U_out.T @ pair.U_out, eye, atol=1e-4, rtol=0)
+        u_out = pair.U_out.float()  # float16-stored (the default): orthogonal to its rounding
+        torch.testing.assert_close(u_out.T @ u_out, torch.eye(u_out.shape[0]), atol=2e-3, rtol=0)
         # calibration changed no weight: the first step started from the base model's weights
         key = name.removeprefix("base_model.model.") + ".weight"
         assert torch.equal(seen[0][name], weights[key]), name

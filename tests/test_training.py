@@ -703,9 +703,11 @@ def test_calibration_from_the_trainers_dataloader(tmp_path):
         pair = layer.sparsegrad_bases["default"]
         ref = reference.pairs[layer.sparsegrad_type["default"]]
         for u, u_ref in ((pair.U_out, ref.U_out), (pair.U_in, ref.U_in)):
-            assert u.dtype == torch.float32 and u.shape == u_ref.shape == (u.shape[0], u.shape[0])
-            torch.testing.assert_close(u.T @ u, torch.eye(u.shape[0]), atol=1e-5, rtol=0)
-            torch.testing.assert_close(u, u_ref, atol=1e-5, rtol=0)
+            # trained with float16-stored bases (the default): the reference's values to float16 rounding
+            assert u.dtype == torch.float16 and u.shape == u_ref.shape == (u.shape[0], u.shape[0])
+            u = u.float()
+            torch.testing.assert_close(u.T @ u, torch.eye(u.shape[0]), atol=2e-3, rtol=0)
+            torch.testing.assert_close(u, u_ref, atol=1e-3, rtol=0)
         assert (pair.U_out.shape[0], pair.U_in.shape[0]) == (layer.out_features, layer.in_features)
         assert layer.sparsegrad_delta["default"].nnz > 0
     assert _differs(_deltas(model), [torch.zeros_like(d) for d in _deltas(model)])
