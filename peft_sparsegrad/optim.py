@@ -207,7 +207,8 @@ def _sparse_step_impl(
     st.to(device)
     t = int(state.get("step", 0)) + 1
     state["step"] = torch.tensor(float(t))  # where torch's Adam(W) keeps it (the Trainer's optimizer may hold this)
-    total = torch.linalg.vector_norm(g_w, dtype=torch.float32).square()  # ||g||² = ||G||²: the bases are orthogonal
+    # ||g||² = ||G||² for orthogonal bases (to ~1e-3 for float16-stored ones): kept_energy's denominator for free
+    total = torch.linalg.vector_norm(g_w, dtype=torch.float32).square()
 
     if refresh_interval > 0:
         return _periodic_step(layer, adapter, g_w, st, t, total, k=k, lr=lr, mode=mode, betas=betas, eps=eps,
