@@ -6,13 +6,18 @@ callback routes:
 * ``on_train_begin``: if the adapter was created with ``calibration_steps`` but without calibration data or bases,
   the bases are computed now from the first ``calibration_steps`` batches of the Trainer's own training dataloader
   (its collator, label masking and DDP sharding; Gram sums all-reduced, so every rank gets the same bases).
+* By default the gradient half of the step runs **inside backward** (``peft_sparsegrad.fused``): the moment an
+  adapted weight's gradient is complete it is rotated, its k kept values are stored and ``W.grad`` is freed, so at
+  most one dense gradient is alive at a time. A norm carrier parameter makes the Trainer's ``max_grad_norm`` clipping
+  and its logged ``grad_norm`` count the adapted weights exactly as on the dense path. Under DDP or fp16 loss
+  scaling (where the hook would see unreduced or scaled gradients) and with ``step_in_backward=False`` the dense
+  path runs instead: ``W.grad`` stays until the step. Which path runs is logged once.
 * ``on_pre_optimizer_step`` fires after gradient accumulation, after the DDP all-reduce and after ``max_grad_norm``
-  clipping. There every adapted weight gets the top-k update (``peft_sparsegrad.optim``) from its ``W.grad``, with the
-  learning rate of its group in the Trainer's optimizer (so the Trainer's schedule and warmup apply), then its
-  ``.grad`` is set to None so the Trainer's AdamW skips it: no dense moments and no dense weight decay on the adapted
-  weights. Every other trainable parameter (classifier head, ``modules_to_save``) stays on the Trainer's optimizer.
-* Clipping therefore sees the ordinary weight gradient, whose norm equals the rotated gradient's (the bases are
-  orthogonal): the one global norm the Trainer computes is the same as for full fine-tuning.
+  clipping. There every adapted weight gets its update (``peft_sparsegrad.update``), with the learning rate of its
+  group in the Trainer's optimizer (so the Trainer's schedule and warmup apply); a dense ``W.grad`` left for the step
+  is set to None, so the Trainer's AdamW never sees an adapted weight's gradient: no dense moments and no dense weight
+  decay on them. Every other trainable parameter (classifier head, ``modules_to_save``) stays on the Trainer's
+  optimizer.
 * The sparse optimizer state is kept in the Trainer optimizer's own ``state`` dict (entries its AdamW never touches,
   because those weights never have a gradient when it steps), so it is written to ``optimizer.pt`` with every
   checkpoint and restored by ``resume_from_checkpoint`` with no extra machinery.
@@ -23,13 +28,18 @@ If the Trainer was given a ``SparseGradOptimizer`` (``optimizers=(create_sparseg
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
 from transformers import TrainerCallback
 
+from .fused import StepInBackward, fused_unavailable_reason
 from .layer import OWNER_ATTR, ROUTED_ATTR
-from .optim import SPARSE_MODES, SparseGradOptimizer, _sparse_step_impl, release_step_caches, sparsegrad_parameters
+from .optim import SparseGradOptimizer, sparsegrad_parameters
+from .update import SPARSE_MODES, apply_update, sparse_update
+
+logger = logging.getLogger("peft_sparsegrad")
 
 
 def _unwrap(optimizer: Any) -> Any:
@@ -51,14 +61,22 @@ class SparseGradCallback(TrainerCallback):
         log_statistics: add to the Trainer's logs ``sparsegrad/kept_energy`` (share of the rotated gradient's energy
             in the kept entries), ``sparsegrad/overlap`` (share of kept entries also kept in the previous step) and
             ``sparsegrad/support`` (ΔW''s support over Σk, which dynamic selection grows).
+        step_in_backward: run the rotation and top-k inside backward (True, default, where possible: not under DDP
+            or fp16 loss scaling, which fall back to the dense path) or always at the optimizer step (False).
     """
 
-    def __init__(self, mode: Optional[str] = None, weight_decay: float = 0.0, log_statistics: bool = True) -> None:
+    def __init__(self, mode: Optional[str] = None, weight_decay: float = 0.0, log_statistics: bool = True,
+                 step_in_backward: bool = True) -> None:
         if mode is not None and mode not in SPARSE_MODES:
             raise ValueError(f"mode must be one of {SPARSE_MODES}, got {mode!r}.")
+        if not isinstance(step_in_backward, bool):
+            raise TypeError(f"step_in_backward must be True or False, got {step_in_backward!r}.")
         self.mode = mode
         self.weight_decay = weight_decay
         self.log_statistics = log_statistics
+        self.step_in_backward = step_in_backward
+        self.path: Optional[str] = None  # "step-in-backward" or "dense", once training began
+        self._fused: Optional[StepInBackward] = None
         self._routes: list[tuple[torch.nn.Parameter, int, dict]] = []
         self._delegated: Optional[SparseGradOptimizer] = None
         self._stats: list[torch.Tensor] = []
@@ -73,10 +91,14 @@ class SparseGradCallback(TrainerCallback):
             raise ValueError("SparseGradCallback: the model has no trainable SparseGrad parameters. Build it with "
                              "peft.get_peft_model(model, SparseGradConfig(...)).")
         inner = _unwrap(optimizer)
+        if self._fused is not None:  # a previous run of this callback ended without on_train_end
+            self._fused.remove()
+            self._fused = None
         self._routes, self._delegated, self._stats = [], None, []
         self._layers = [(getattr(param, OWNER_ATTR), k) for param, k in sparse]
         if isinstance(inner, SparseGradOptimizer):
-            self._delegated = inner  # it applies the sparse update itself
+            self._delegated = inner  # it applies the sparse update itself, on the path it was built for
+            self.path = "step-in-backward" if inner.step_in_backward else "dense"
             return
         if self.mode is None:
             configs = getattr(model, "peft_config", {})
@@ -89,6 +111,21 @@ class SparseGradCallback(TrainerCallback):
                                  "schedule is unknown. Let the Trainer build the optimizer from model.parameters().")
             setattr(param, ROUTED_ATTR, True)
             self._routes.append((param, k, group))
+        self._choose_path(args, model, inner)
+
+    def _choose_path(self, args, model, inner) -> None:
+        reason = "step_in_backward=False" if not self.step_in_backward else fused_unavailable_reason(
+            fp16_scaler=bool(getattr(args, "fp16", False)))
+        if reason is None:
+            routes = [(param, k, (lambda p=param: inner.state[p])) for param, k, _ in self._routes]
+            self._fused = StepInBackward(model, routes, max(1, int(args.gradient_accumulation_steps))).install()
+            self.path = "step-in-backward"
+            logger.info("SparseGradCallback: rotation and top-k of %d adapted weights run inside backward",
+                        len(self._routes))
+        else:
+            self.path = "dense"
+            log = logger.info if not self.step_in_backward else logger.warning
+            log("SparseGradCallback: dense path (W.grad kept until the optimizer step): %s", reason)
 
     def on_train_end(self, args, state, control, **kwargs):
         # The routing mark holds only while this callback drives a Trainer: training the same model later with a
@@ -97,26 +134,37 @@ class SparseGradCallback(TrainerCallback):
             if hasattr(param, ROUTED_ATTR):
                 delattr(param, ROUTED_ATTR)
         self._routes = []
+        if self._fused is not None:
+            self._fused.remove()
+            self._fused = None
 
     @torch.no_grad()
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self._delegated is not None:
             return
         inner = _unwrap(optimizer)
+        fused = self._fused
+        scale = fused.clip_scale() if fused is not None else None
         for param, k, group in self._routes:
-            if param.grad is None:
+            pending = fused.take(param) if fused is not None else None
+            if pending is None and param.grad is None:
                 continue
             layer = getattr(param, OWNER_ATTR)
             adapter = layer.trainable_adapter()
-            kept_energy, overlap, _ = _sparse_step_impl(
-                layer, adapter, param.grad, inner.state[param], k=k, lr=float(group["lr"]), mode=self.mode,
-                betas=tuple(group.get("betas", (0.9, 0.999))), eps=group.get("eps", 1e-8),
-                weight_decay=self.weight_decay, refresh_interval=layer.sparsegrad_refresh_interval.get(adapter, 0),
-            )
-            param.grad = None  # the Trainer's optimizer skips parameters without a gradient
+            options = dict(lr=float(group["lr"]), mode=self.mode, betas=tuple(group.get("betas", (0.9, 0.999))),
+                           eps=group.get("eps", 1e-8), weight_decay=self.weight_decay,
+                           refresh_interval=layer.sparsegrad_refresh_interval.get(adapter, 0))
+            if pending is not None:
+                apply_update(layer, adapter, pending, inner.state[param], scale=scale, **options)
+                kept_energy, overlap = pending.kept_energy, pending.overlap
+            else:  # the dense path (or a window that ended before the accumulation count)
+                kept_energy, overlap, _ = sparse_update(layer, adapter, param.grad, inner.state[param], k=k,
+                                                        inplace=True, **options)
+                param.grad = None  # the Trainer's optimizer skips parameters without a gradient
             if self.log_statistics:
                 self._stats.append(torch.stack([kept_energy.float(), overlap.float()]))
-        release_step_caches(param for param, _, _ in self._routes)
+        if fused is not None:
+            fused.discard()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self._delegated is not None and self.log_statistics and self._delegated.last_stats:

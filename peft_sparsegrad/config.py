@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Literal, Optional, Union
@@ -10,6 +11,7 @@ from typing import Any, Iterable, Literal, Optional, Union
 from peft.config import PeftConfig
 
 from .registration import SPARSEGRAD
+from .rounding import ROUNDINGS
 
 #: Values of ``SparseGradConfig.bases`` that are not a path.
 BASES_MODES = ("calibrate", "identity", "checkpoint")
@@ -85,18 +87,40 @@ class SparseGradConfig(PeftConfig):
             "torch.optim.SparseAdam arithmetic, its moments kept on the same support), 'sgd'. All keep O(support) state."
         },
     )
-    selection: Literal["dynamic", "periodic"] = field(
-        default="dynamic",
+    selection: Optional[Literal["dynamic", "periodic"]] = field(
+        default=None,
         metadata={
-            "help": "'dynamic' (the paper): every step keeps the top-k entries of the full rotated gradient. "
-            "'periodic': the top-k support is re-selected from the full rotated gradient every refresh_interval "
-            "steps and fixed in between, when backward computes the rotated gradient only at those k entries and "
-            "AdamW state is k values (faster; needs sparse_optimizer 'adamw' or 'sgd')."
+            "help": "'periodic': the top-k support S is re-selected from the full rotated gradient every "
+            "refresh_interval steps and fixed in between, when the step computes the rotated gradient only at those "
+            "k entries and AdamW state is k values (the fastest and leanest; needs sparse_optimizer 'adamw' or "
+            "'sgd'). 'dynamic' (the paper): every step keeps the top-k entries of the full rotated gradient. "
+            "None (default): 'periodic', or 'dynamic' with sparse_optimizer='sparse_adam' (lazy Adam is plain Adam "
+            "on a fixed support)."
         },
     )
     refresh_interval: int = field(
         default=100,
         metadata={"help": "selection='periodic' only: optimizer steps between two re-selections of the support."},
+    )
+    max_support: Optional[float] = field(
+        default=2.0,
+        metadata={
+            "help": "Bound on ΔW''s support, in multiples of k: ΔW' (the adapter) holds at most ⌈max_support · k⌉ "
+            "entries, so training state and adapter file stay bounded however long a run is (8 bytes per entry in "
+            "the file). Selections take new entries while there is room; once the support is full they pick the "
+            "top-k among its entries. None: unbounded (the paper's dynamic method: every step's new top-k entries "
+            "join the support, which grows without bound). Must be >= 1."
+        },
+    )
+    rounding: Literal["stochastic", "compensated"] = field(
+        default="stochastic",
+        metadata={
+            "help": "How updates reach bf16/fp16 base weights W (ignored for float32 W). 'stochastic' (default): "
+            "unbiased stochastic rounding of W + change, no memory besides W; W carries the rounding noise, which "
+            "the adapter file (exact ΔW') does not. 'compensated': a residual of W's dtype keeps what rounding "
+            "loses (W + residual has ~16 significant bits for bf16): exact to that precision, at 2 bytes per "
+            "adapted weight. See peft_sparsegrad.rounding."
+        },
     )
     bases_dtype: Literal["float16", "float32", "auto"] = field(
         default="float16",
@@ -172,6 +196,8 @@ class SparseGradConfig(PeftConfig):
             raise ValueError(f"gram_precision must be 'fp32' or 'bf16', got {self.gram_precision!r}.")
         if self.sparse_optimizer not in SPARSE_OPTIMIZERS:
             raise ValueError(f"sparse_optimizer must be one of {SPARSE_OPTIMIZERS}, got {self.sparse_optimizer!r}.")
+        if self.selection is None:
+            self.selection = "dynamic" if self.sparse_optimizer == "sparse_adam" else "periodic"
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}.")
         if isinstance(self.refresh_interval, bool) or not isinstance(self.refresh_interval, int):
@@ -183,6 +209,14 @@ class SparseGradConfig(PeftConfig):
                 "selection='periodic' fixes the support between refreshes, where lazy SparseAdam is plain Adam on the "
                 "support: use sparse_optimizer='adamw' (O(k) state) or 'sgd' with it."
             )
+        if self.max_support is not None:
+            if isinstance(self.max_support, bool) or not isinstance(self.max_support, (int, float)):
+                raise TypeError(f"max_support must be a number >= 1 or None, got {self.max_support!r}.")
+            if not math.isfinite(self.max_support) or self.max_support < 1:
+                raise ValueError(f"max_support must be >= 1 (in multiples of k) or None (unbounded), got "
+                                 f"{self.max_support}.")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}.")
         if self.bases_dtype not in BASES_DTYPES:
             raise ValueError(f"bases_dtype must be one of {BASES_DTYPES}, got {self.bases_dtype!r}.")
         if self.bias not in ("none", "all", "sparsegrad_only"):

@@ -14,9 +14,9 @@ are orthogonal), autocast, activation checkpointing and the DDP all-reduce work 
 ``apply_change``, which adds U_out δ U_inᵀ for the changed entries δ to W.
 
 The adapter itself is ΔW' on its support (``SparseDelta``: int32 flat indices + float32 values), never dense. For
-bf16/fp16 base weights a residual of W's dtype (compensated summation: W + residual carries ~16 significant bits for
-bf16) keeps updates far below W's rounding step from vanishing; it is what a float32 master copy would do, at half
-its size.
+bf16/fp16 base weights, updates far below W's rounding step must not vanish: by default they are rounded
+stochastically (unbiased, no memory), or with ``rounding="compensated"`` a residual of W's dtype keeps what rounding
+loses (W + residual carries ~16 significant bits for bf16), see ``peft_sparsegrad.rounding``.
 
 Bookkeeping: ``_applied`` lists the adapters whose ΔW is currently in W. It always equals the active adapters plus the
 merged ones: ``set_adapter``, ``merge``, ``unmerge`` and ``delete_adapter`` add or subtract ΔW = U_out ΔW' U_inᵀ in
@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .bases import BasisPair
 from .delta import SparseDelta
+from .rotation import BasisPair, block_rows
+from .rounding import add_to_half_
 from .targets import base_weight_as_out_in, is_conv1d, weight_shape
 
 ROUTING_ERROR = (
@@ -51,8 +52,6 @@ ROUTING_ERROR = (
 OWNER_ATTR = "sparsegrad_owner"  # the SparseGradLayer whose trainable adapter W is
 ROUTED_ATTR = "sparsegrad_routed"  # set by whatever applies the sparse update (optimizer / callback)
 CALIBRATING_ATTR = "sparsegrad_calibrating"  # set by the calibration pass, which consumes W.grad itself
-#: Elements per row block of the compensated half-precision weight update on CPU (float32 temporaries of 256 KiB).
-COMPENSATE_BLOCK = 1 << 16
 
 
 class SparseGradLayer(BaseTunerLayer):
@@ -60,7 +59,8 @@ class SparseGradLayer(BaseTunerLayer):
 
     adapter_layer_names = ("sparsegrad_delta",)
     other_param_names = ("sparsegrad_k", "sparsegrad_keep_ratio", "sparsegrad_bases", "sparsegrad_type",
-                         "sparsegrad_refresh_interval", "sparsegrad_bases_dtype")
+                         "sparsegrad_refresh_interval", "sparsegrad_bases_dtype", "sparsegrad_rounding",
+                         "sparsegrad_max_support")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -71,9 +71,11 @@ class SparseGradLayer(BaseTunerLayer):
         self.sparsegrad_type: dict[str, str] = {}  # adapter -> layer type key (shares bases)
         self.sparsegrad_refresh_interval: dict[str, int] = {}  # adapter -> steps between support refreshes, 0: dynamic
         self.sparsegrad_bases_dtype: dict[str, str] = {}  # adapter -> SparseGradConfig.bases_dtype
+        self.sparsegrad_rounding: dict[str, str] = {}  # adapter -> SparseGradConfig.rounding
+        self.sparsegrad_max_support: dict[str, Optional[int]] = {}  # adapter -> most entries ΔW' may hold (None: any)
         self._applied: list[str] = []  # adapters whose ΔW is in the base weight right now
         self._trainable: list[str] = []  # active adapters that train (not inference mode)
-        self._residual: Optional[torch.Tensor] = None  # low part of W for half-precision in-place updates
+        self._residual: Optional[torch.Tensor] = None  # low part of W (rounding="compensated", half precision)
         self._routing_hook = None
         self.sparsegrad_support_cache: dict[str, Any] = {}  # adapter -> periodic Support (its block pattern)
         self._disable_adapters = False
@@ -95,6 +97,8 @@ class SparseGradLayer(BaseTunerLayer):
         inference_mode: bool = False,
         refresh_interval: int = 0,
         bases_dtype: str = "float16",
+        rounding: str = "stochastic",
+        max_support: Optional[float] = None,
     ) -> None:
         if not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
@@ -104,7 +108,9 @@ class SparseGradLayer(BaseTunerLayer):
             delta = SparseDelta.empty(shape, weight.device)
         else:  # tests only: a non-trivial adapter without training
             delta = SparseDelta.from_dense(torch.randn(shape, device=weight.device) * 0.02)
-        self.sparsegrad_k[adapter_name] = max(1, math.ceil(keep_ratio * shape[0] * shape[1]))
+        k = self.sparsegrad_k[adapter_name] = max(1, math.ceil(keep_ratio * shape[0] * shape[1]))
+        self.sparsegrad_max_support[adapter_name] = None if max_support is None else max(k, math.ceil(max_support * k))
+        self.sparsegrad_rounding[adapter_name] = rounding
         self.sparsegrad_refresh_interval[adapter_name] = int(refresh_interval)
         self.sparsegrad_delta[adapter_name] = delta
         self.sparsegrad_keep_ratio[adapter_name] = keep_ratio
@@ -205,17 +211,19 @@ class SparseGradLayer(BaseTunerLayer):
         and W += U_out δ U_inᵀ (``support``: δ is on this periodic Support, in its order).
 
         What every optimizer update ends with: δ is sparse (k entries, or the support), so U_out δ U_inᵀ touches only
-        the rows/columns of U that δ occupies (``BasisPair.unrotate_sparse``); with U = I (MeProp) only those entries
-        of W change.
+        the rows/columns of U that δ occupies, and it reaches W in blocks (``BasisPair.unrotated_blocks``), rounded
+        as ``rounding`` says; with U = I (MeProp) only those entries of W change.
         """
         delta = self.delta(adapter_name)
         delta.values.index_add_(0, delta.positions(flat) if positions is None else positions, change.float())
         if adapter_name in self._applied:
             pair = self.pair(adapter_name)
-            if support is not None and not pair.is_identity:  # periodic: δ on the fixed support S
-                self._add_dense_to_weight(pair.unrotate_at(change, support, self.compute_dtype()))
+            mode = self._update_mode(training=True)
+            if pair.is_identity:
+                self._add_sparse_to_weight(flat, change.float(), mode)
             else:
-                self._add_sparse_to_weight(pair, flat, change.float())
+                self._add_blocks_to_weight(pair.unrotated_blocks(flat, change, (self.out_features, self.in_features),
+                                                                 self.compute_dtype(), support=support), mode)
 
     @torch.no_grad()
     def set_delta(self, adapter_name: str, new: SparseDelta) -> None:
@@ -243,9 +251,18 @@ class SparseGradLayer(BaseTunerLayer):
 
     def compute_dtype(self) -> torch.dtype:
         """Precision of the training step's GEMMs: bf16 for bf16/fp16 weights (whose gradient has that precision
-        anyway), float32 otherwise. ΔW', moments and the weight update stay float32 (the bases of half-precision
-        layers are stored in float16, see ``BasisPair``)."""
+        anyway), float32 otherwise. ΔW', moments and the weight update stay float32 (the bases are stored as
+        ``bases_dtype`` says, see ``BasisPair``)."""
         return torch.bfloat16 if self._is_half() else torch.float32
+
+    def _update_mode(self, training: bool) -> Optional[str]:
+        """How a change reaches W: None (float32 W: plain addition), "compensated" (a residual exists or an adapter
+        of this layer asks for one), "stochastic" (training steps of the default), "nearest" (merges, loading)."""
+        if not self._is_half():
+            return None
+        if self._residual is not None or "compensated" in self.sparsegrad_rounding.values():
+            return "compensated"
+        return "stochastic" if training else "nearest"
 
     def _true_weight(self) -> torch.Tensor:
         """W (+ residual) in float32, out × in: what W represents (always a new tensor)."""
@@ -253,46 +270,48 @@ class SparseGradLayer(BaseTunerLayer):
         return w if self._residual is None else w.add_(self._residual)  # promotes in the kernel: no temporary
 
     @torch.no_grad()
-    def _add_dense_to_weight(self, change: torch.Tensor) -> None:
-        """W += change (out × in, float32 or the compute dtype), with compensated summation for half-precision W:
-        total = W + residual + change in float32, W = round(total), residual = total - W."""
+    def _add_blocks_to_weight(self, blocks, mode: Optional[str]) -> None:
+        """W[index] += block for every (index, block) of ``blocks`` (blocks of one change of W, out × in layout)."""
         w = self._weight_out_in()
-        if not self._is_half():
-            w.add_(change)
-            return
-        if self._residual is None:
+        if mode == "compensated" and self._residual is None:
             self._residual = torch.zeros_like(w)  # same strides as W's view: its storage is laid out like W's
-        # On CPU in row blocks whose float32 temporaries stay in cache (~1.6× faster than whole-matrix passes)
-        n_rows = w.shape[0]
-        step = max(1, COMPENSATE_BLOCK // w.shape[1]) if w.device.type == "cpu" else n_rows
-        for start in range(0, n_rows, step):
-            w_b, r_b = w[start:start + step], self._residual[start:start + step]
-            total = w_b.float().add_(r_b).add_(change[start:start + step])  # promotes in the kernels
-            w_b.copy_(total)
-            r_b.copy_(total.sub_(w_b))
+        for index, block in blocks:
+            if mode is None:
+                w[index].add_(block)
+            else:
+                add_to_half_(w[index], block, mode, None if self._residual is None else self._residual[index])
 
     @torch.no_grad()
-    def _add_sparse_to_weight(self, pair: BasisPair, flat: torch.Tensor, change: torch.Tensor) -> None:
-        if not pair.is_identity:
-            self._add_dense_to_weight(pair.unrotate_sparse(flat, change, (self.out_features, self.in_features),
-                                                           self.compute_dtype()))
-            return
-        # MeProp: δ is in the original basis, only entries `flat` of W change
+    def _add_dense_to_weight(self, change: torch.Tensor, training: bool = False) -> None:
+        """W += change (out × in, float32 or the compute dtype), in row blocks whose float32 temporaries stay small."""
+        w = self._weight_out_in()
+        step = block_rows(w.shape[0], w.shape[1], w.device)
+        rows = (slice(r, r + step) for r in range(0, w.shape[0], step))
+        self._add_blocks_to_weight((((r, slice(None)), change[r]) for r in rows), self._update_mode(training))
+
+    @torch.no_grad()
+    def _add_sparse_to_weight(self, flat: torch.Tensor, change: torch.Tensor, mode: Optional[str]) -> None:
+        """MeProp: δ is in the original basis, only entries ``flat`` of W change."""
         flat = flat.long()
         w = self._weight_out_in()
         if self.is_conv1d:  # storage is in × out: entry (r, c) of W sits at c · out + r
             rows, cols = flat.div(self.in_features, rounding_mode="floor"), flat.remainder(self.in_features)
             flat = cols * self.out_features + rows
         storage = self.get_base_layer().weight.view(-1)
-        if not self._is_half():
+        if mode is None:
             storage.index_add_(0, flat, change.to(storage.dtype))
             return
-        if self._residual is None:
+        if mode == "compensated" and self._residual is None:
             self._residual = torch.zeros_like(w)  # same strides as W's view: its storage is laid out like W's
-        residual = self._residual.T.reshape(-1) if self.is_conv1d else self._residual.view(-1)  # views
-        total = storage.index_select(0, flat).float() + residual.index_select(0, flat).float() + change
-        storage.index_copy_(0, flat, total.to(storage.dtype))
-        residual.index_copy_(0, flat, (total - storage.index_select(0, flat).float()).to(residual.dtype))
+        w_sel = storage.index_select(0, flat)
+        residual = None
+        if self._residual is not None:
+            residual_flat = self._residual.T.reshape(-1) if self.is_conv1d else self._residual.view(-1)  # views
+            residual = residual_flat.index_select(0, flat)
+        add_to_half_(w_sel, change, mode, residual)
+        storage.index_copy_(0, flat, w_sel)
+        if residual is not None:
+            residual_flat.index_copy_(0, flat, residual)
 
     @torch.no_grad()
     def _add_adapter(self, adapter_name: str, sign: float) -> None:
@@ -301,7 +320,11 @@ class SparseGradLayer(BaseTunerLayer):
         if delta.nnz == 0:
             return
         pair = self.pair(adapter_name)
-        self._add_dense_to_weight(pair.unrotate(delta.to_dense()).mul_(sign))
+        values, mode = delta.values * sign, self._update_mode(training=False)
+        if pair.is_identity:
+            self._add_sparse_to_weight(delta.flat, values, mode)
+        else:
+            self._add_blocks_to_weight(pair.unrotated_blocks(delta.flat, values, delta.shape), mode)
 
     @torch.no_grad()
     def _sync_applied(self) -> None:
@@ -377,13 +400,15 @@ class SparseGradLinear(nn.Module, SparseGradLayer):
         init_weights: bool = True,
         refresh_interval: int = 0,
         bases_dtype: str = "float16",
+        rounding: str = "stochastic",
+        max_support: Optional[float] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         SparseGradLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, keep_ratio, bases, layer_type, init_weights, refresh_interval=refresh_interval,
-                          bases_dtype=bases_dtype)
+                          bases_dtype=bases_dtype, rounding=rounding, max_support=max_support)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Mark adapters as merged; ΔW of an adapter that is not active yet is added to W (float32 arithmetic)."""

@@ -134,11 +134,13 @@ class SparseGradModel(BaseTuner):
         init_weights = peft_config.init_weights or peft_config.layer_shapes is not None
         args = (peft_config.keep_ratio, pairs[layer_type], layer_type, init_weights)
         refresh = peft_config.refresh_interval if getattr(peft_config, "selection", "dynamic") == "periodic" else 0
-        bases_dtype = getattr(peft_config, "bases_dtype", "float16")
+        options = {"refresh_interval": refresh, "bases_dtype": getattr(peft_config, "bases_dtype", "float16"),
+                   "rounding": getattr(peft_config, "rounding", "stochastic"),
+                   "max_support": getattr(peft_config, "max_support", None)}
         if isinstance(target, SparseGradLinear):
-            target.update_layer(adapter_name, *args, refresh_interval=refresh, bases_dtype=bases_dtype)
+            target.update_layer(adapter_name, *args, **options)
             return
-        new_module = SparseGradLinear(target, adapter_name, *args, refresh_interval=refresh, bases_dtype=bases_dtype)
+        new_module = SparseGradLinear(target, adapter_name, *args, **options)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter is not trainable
         self._replace_module(parent, target_name, new_module, target)

@@ -20,8 +20,10 @@ from conftest import (assert_same_snapshot, batch_list, batch_stream, build_mode
                       snapshot, sparsegrad_layers)
 from peft_sparsegrad import (BasisPair, SparseGradBases, SparseGradConfig, SparseGradLinear, SparseGradOptimizer,
                              calibrate, create_sparsegrad_optimizer)
+from peft_sparsegrad import rotation
 from peft_sparsegrad.bases import Support
 from peft_sparsegrad.delta import SparseDelta
+from peft_sparsegrad.update import select_topk
 from peft_sparsegrad.targets import layer_role
 
 
@@ -112,7 +114,8 @@ def test_keep_ratio_one_sgd_equals_full_finetuning(arch):
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_one_step_changes_at_most_k_entries(arch, keep_ratio, mode):
     model = get_peft_model(build_model(arch), SparseGradConfig(keep_ratio=keep_ratio, calibration_steps=2,
-                                                               calibration_dataloader=batch_stream(arch)))
+                                                               calibration_dataloader=batch_stream(arch),
+                                                               selection="dynamic"))
     layers = sparsegrad_layers(model)
     assert len(layers) == 4
     opt = create_sparsegrad_optimizer(model, lr=1e-2, mode=mode)
@@ -269,16 +272,22 @@ def test_layer_forward_and_gradients_exact(which, support):
     assert (rotated_grad(layer) - wrong).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("block_fill", [0, 32, 10**9])  # never / measured threshold / always the block products
-def test_sparse_rotations_match_dense_products(monkeypatch, block_fill):
-    """rotate_at / unrotate_at (g[S] and U_out δ U_inᵀ on S, by block products or full-size sampling and sparse
-    products) and unrotate_sparse equal the dense products, for supports that fill few or all rows/columns."""
-    monkeypatch.setattr(Support, "BLOCK_FILL", block_fill)
+@pytest.mark.parametrize("dense_fill", [0, 32, 10**9])  # δ always sparse / the default threshold / always dense
+@pytest.mark.parametrize("block_elements", [7, 1 << 17])  # many streamed blocks / one
+def test_sparse_rotations_match_dense_products(monkeypatch, dense_fill, block_elements):
+    """rotate_topk, rotate_at and the streamed unrotation (U_out δ U_inᵀ in row or column blocks, δ dense or sparse)
+    equal the dense products, for supports that fill few or all rows/columns, both orders of the cheaper side."""
+    monkeypatch.setattr(rotation, "DENSE_FILL", dense_fill)
+    monkeypatch.setitem(rotation.BLOCK_ELEMENTS, "cpu", block_elements)
     torch.manual_seed(0)
-    for n_out, n_in in ((12, 20), (20, 12)):  # both orders of the cheaper side
+    for n_out, n_in in ((12, 20), (20, 12)):
         pair = BasisPair(_random_orthogonal(n_out, 5), _random_orthogonal(n_in, 6))
         grad = torch.randn(n_out, n_in)
         full = pair.U_out.T @ grad @ pair.U_in
+        for k in (1, 17, 240):
+            sel, values = pair.rotate_topk(grad.clone(), k, inplace=True)
+            assert sel.tolist() == select_topk(full, k).tolist()
+            torch.testing.assert_close(values, full.reshape(-1)[sel], atol=1e-5, rtol=1e-5)
         for flat in (torch.tensor([3, 7, 45, 46, 199, 230]), torch.randperm(240)[:120].sort().values,
                      torch.arange(240)):
             support = Support(flat, (n_out, n_in), 0)
@@ -286,10 +295,38 @@ def test_sparse_rotations_match_dense_products(monkeypatch, block_fill):
             values = torch.randn(flat.numel())
             dense = torch.zeros(240).index_copy_(0, flat, values).view(n_out, n_in)
             expected = pair.U_out @ dense @ pair.U_in.T
-            torch.testing.assert_close(pair.unrotate_at(values, support), expected, atol=1e-5, rtol=1e-5)
+            for on_support in (None, support):
+                covered = torch.zeros(n_out, n_in, dtype=torch.int32)
+                out = torch.zeros(n_out, n_in)
+                for index, block in pair.unrotated_blocks(flat, values, (n_out, n_in), support=on_support):
+                    out[index] += block
+                    covered[index] += 1
+                assert (covered == 1).all()  # the blocks tile W exactly once
+                torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(pair.unrotate_sparse(flat, values, (n_out, n_in)), expected, atol=1e-5,
                                        rtol=1e-5)
             torch.testing.assert_close(pair.unrotate(dense), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_capped_top_k_takes_at_most_max_new_entries_outside_the_support():
+    """TopK with a support and max_new: every support entry may be chosen, at most max_new others, and the result is
+    the top-k of that candidate set (what a full support under SparseGradConfig.max_support selects from)."""
+    torch.manual_seed(1)
+    pair = BasisPair(_random_orthogonal(16, 2), _random_orthogonal(10, 3))
+    grad = torch.randn(16, 10)
+    full = (pair.U_out.T @ grad @ pair.U_in).reshape(-1)
+    support = torch.randperm(160)[:30].sort().values.to(torch.int32)
+    for max_new in (0, 3, 100):
+        sel, values = pair.rotate_topk(grad, 12, support=support, max_new=max_new)
+        outside = ~torch.isin(sel, support.long())
+        assert outside.sum() <= max_new and sel.numel() == 12
+        others = torch.ones(160, dtype=torch.bool)
+        others[support.long()] = False
+        best_new = others.nonzero().squeeze(1)[full[others].abs().topk(min(max_new, int(others.sum()))).indices]
+        candidates = torch.cat([support.long(), best_new])
+        expected = candidates[full[candidates].abs().topk(12).indices].sort().values
+        assert sel.tolist() == expected.tolist()
+        torch.testing.assert_close(values, full[sel], atol=1e-5, rtol=1e-5)
 
 
 # ---- 5. calibration leaves the model exactly as it was --------------------------------------------------------
@@ -403,7 +440,7 @@ def test_half_precision_base_models_keep_float32_adapter(arch, dtype):
         assert pair.U_out.dtype == torch.float32 and pair.U_in.dtype == torch.float32
         torch.testing.assert_close(pair.U_in.T @ pair.U_in, torch.eye(pair.U_in.shape[0]), atol=1e-5, rtol=0)
     assert torch.equal(logits(model, batch), expected)  # ΔW' = 0: the plain layers, untouched
-    # a training step keeps ΔW' float32, W in its dtype (+ a residual of that dtype for half precision)
+    # a training step keeps ΔW' float32, W in its dtype and nothing else of W's size (stochastic rounding)
     opt = create_sparsegrad_optimizer(model, lr=1e-2)
     model(**batch).loss.float().backward()
     opt.step()
@@ -411,9 +448,7 @@ def test_half_precision_base_models_keep_float32_adapter(arch, dtype):
     for layer in sparsegrad_layers(model).values():
         assert layer.sparsegrad_delta["default"].values.dtype == torch.float32
         assert layer.get_base_layer().weight.dtype == dtype
-        assert (layer._residual is None) == (dtype == torch.float32)
-        if layer._residual is not None:
-            assert layer._residual.dtype == dtype
+        assert layer._residual is None
         # float16 bases by default (half the memory) whatever the weight's dtype, still one object per layer type
         pair = layer.sparsegrad_bases["default"]
         assert pair.U_out.dtype == pair.U_in.dtype == torch.float16
@@ -424,14 +459,18 @@ def test_half_precision_base_models_keep_float32_adapter(arch, dtype):
     assert not torch.equal(logits(model, batch), expected)
 
 
+@pytest.mark.parametrize("rounding", ["compensated", "stochastic"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_adapter_round_trip_and_unload_use_its_float16_bases(dtype, tmp_path):
+def test_half_precision_adapter_round_trip_and_unload_use_its_float16_bases(dtype, rounding, tmp_path):
     """The float16 bases a half-precision model trained with are the adapter's: saved as they are, they give back
-    the same W when loaded into a fresh model, and unload() returns W₀ to the weight's own precision."""
+    the same W when loaded into a fresh model (to the residual's precision with compensated rounding, to W's own
+    rounding with stochastic rounding, where the loaded W is round(W₀ + ΔW)), and unload() returns W₀ to the weight's
+    own precision."""
     arch = "llama"
     base = build_model(arch, dtype=dtype)
     w0 = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
-    model = get_peft_model(base, SparseGradConfig(calibration_steps=2, calibration_dataloader=batch_stream(arch)))
+    model = get_peft_model(base, SparseGradConfig(calibration_steps=2, calibration_dataloader=batch_stream(arch),
+                                                  rounding=rounding))
     opt = create_sparsegrad_optimizer(model, lr=1e-2)
     for batch in batch_stream(arch, seed=5, n=3):
         model(**batch).loss.float().backward()
@@ -451,10 +490,16 @@ def test_half_precision_adapter_round_trip_and_unload_use_its_float16_bases(dtyp
         u_out, u_in = pair.float32()
         change = u_out @ layer.sparsegrad_delta["default"].to_dense() @ u_in.T
         w_0 = w0[name.removeprefix("base_model.model.")].float()
-        torch.testing.assert_close(layer._true_weight(), w_0 + change, atol=1e-6, rtol=0)
-        # training added the same change step by step through bf16 GEMMs: equal up to their rounding
-        torch.testing.assert_close(layer._true_weight(), trained[name]._true_weight(),
-                                   atol=2e-2 * change.abs().max().item(), rtol=0)
+        ulp = torch.finfo(dtype).eps * (w_0 + change).abs().max().item()
+        if rounding == "compensated":
+            torch.testing.assert_close(layer._true_weight(), w_0 + change, atol=1e-6, rtol=0)
+            # training added the same change step by step through bf16 GEMMs: equal up to their rounding
+            torch.testing.assert_close(layer._true_weight(), trained[name]._true_weight(),
+                                       atol=2e-2 * change.abs().max().item(), rtol=0)
+        else:  # no residual: the loaded W is W₀ + ΔW rounded to nearest; training's W carries 3 steps of SR noise
+            assert layer._residual is None and trained[name]._residual is None
+            torch.testing.assert_close(layer._true_weight(), w_0 + change, atol=ulp / 2, rtol=0)
+            torch.testing.assert_close(layer._true_weight(), trained[name]._true_weight(), atol=3 * ulp, rtol=0)
     plain = loaded.unload()
     adapted = [(m, w0[n]) for n, m in plain.named_modules() if n in w0 and n.endswith(("up_proj", "down_proj"))]
     assert len(adapted) == len(trained)
@@ -484,7 +529,9 @@ def test_bases_dtype_sets_the_storage_and_w_follows_the_stored_bases(dtype, choi
         assert pair.U_out.dtype == pair.U_in.dtype == stored
         u_out, u_in = pair.float32()
         change = u_out @ layer.sparsegrad_delta["default"].to_dense() @ u_in.T
-        tol = 1e-6 if dtype == torch.float32 else 2e-2 * change.abs().max().item()  # bf16: the steps' bf16 GEMMs
+        # bf16: the steps' bf16 GEMMs, and two steps of stochastic rounding (each within one ulp of W)
+        ulp = torch.finfo(dtype).eps * w0[name].abs().max().item()
+        tol = 1e-6 if dtype == torch.float32 else 2e-2 * change.abs().max().item() + 2 * ulp
         torch.testing.assert_close(layer._true_weight(), w0[name] + change, atol=tol, rtol=0)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["bases_dtype"] == choice

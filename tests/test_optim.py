@@ -18,6 +18,7 @@ import torch
 
 from peft_sparsegrad import BasisPair, SparseGradLinear
 from peft_sparsegrad.delta import SparseDelta
+from peft_sparsegrad.rounding import stochastic_round
 from peft_sparsegrad.optim import (
     SPARSE_MODES,
     SparseGradOptimizer,
@@ -43,10 +44,12 @@ def _orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 class Adapted:
-    """A Linear (out × in = ``shape``) adapted by a SparseGradLinear, with W₀ copied before the adapter existed."""
+    """A Linear (out × in = ``shape``) adapted by a SparseGradLinear, with W₀ copied before the adapter existed.
+    Half-precision W use the exact compensated update unless ``rounding`` says otherwise (the arithmetic is what these
+    tests check; stochastic rounding has tests of its own)."""
 
     def __init__(self, shape=SHAPE, seed: int = 1, bases: str = "rotated", dtype: torch.dtype = torch.float32,
-                 keep_ratio: float = 1.0, bases_dtype: str = "float16"):
+                 keep_ratio: float = 1.0, bases_dtype: str = "float16", rounding: str = "compensated"):
         gen = torch.Generator().manual_seed(seed)
         lin = torch.nn.Linear(shape[1], shape[0], bias=False)
         with torch.no_grad():
@@ -59,7 +62,8 @@ class Adapted:
         else:
             self.u_out, self.u_in = _orthogonal(shape[0], gen), _orthogonal(shape[1], gen)
             pair = BasisPair(self.u_out.clone(), self.u_in.clone())
-        self.layer = SparseGradLinear(lin, "default", keep_ratio, pair, "t", bases_dtype=bases_dtype)
+        self.layer = SparseGradLinear(lin, "default", keep_ratio, pair, "t", bases_dtype=bases_dtype,
+                                      rounding=rounding)
         if bases != "identity":  # the references use the bases as the layer stores them (float16 by default)
             self.u_out, self.u_in = self.layer.pair("default").float32()
         self.W = self.layer.get_base_layer().weight
@@ -666,15 +670,15 @@ def test_sparse_state_is_not_cast_by_load_state_dict_of_a_large_bf16_layer():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_compensated_update_in_row_blocks_equals_one_pass(dtype, monkeypatch):
-    """The half-precision weight update runs in row blocks on CPU (cache-sized float32 temporaries): any block size,
+    """The half-precision weight update runs in row blocks (cache-sized float32 temporaries on CPU): any block size,
     including ones that do not divide the rows, gives bit-identically the whole-matrix compensated sum."""
-    from peft_sparsegrad import layer as layer_module
+    from peft_sparsegrad import rotation
 
     gen = torch.Generator().manual_seed(3)
     changes = [torch.randn(SHAPE, generator=gen) * 1e-3 for _ in range(3)]
     results = []
     for block in (SHAPE[0] * SHAPE[1], 5 * SHAPE[1], 7, 1):  # one pass, 5 rows, < 1 row (one row per block)
-        monkeypatch.setattr(layer_module, "COMPENSATE_BLOCK", block)
+        monkeypatch.setitem(rotation.BLOCK_ELEMENTS, "cpu", block)
         a = Adapted(dtype=dtype)
         for change in changes:
             a.layer._add_dense_to_weight(change)
@@ -685,3 +689,55 @@ def test_compensated_update_in_row_blocks_equals_one_pass(dtype, monkeypatch):
         assert (a.true_weight() - ref).abs().max() <= 2 * eps**2 * ref.abs().max()
     for w, r in results[1:]:
         assert torch.equal(w, results[0][0]) and torch.equal(r, results[0][1])
+
+
+# ---------------------------------------------------------------- stochastic rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(dtype):
+    """SR(x) is one of the two representable neighbours of x, and E[SR(x)] = x (mean of many draws)."""
+    torch.manual_seed(0)
+    x = torch.randn(64) * 3
+    x[0], x[1] = 1.0, -2.5  # exactly representable: always themselves
+    draws = torch.stack([stochastic_round(x.clone(), dtype).float() for _ in range(4000)])
+    lower = torch.where(x.to(dtype).float() <= x, x.to(dtype).float(),
+                        torch.nextafter(x.to(dtype), torch.tensor(-torch.inf, dtype=dtype)).float())
+    upper = torch.nextafter(lower.to(dtype), torch.tensor(torch.inf, dtype=dtype)).float()
+    assert ((draws == lower) | (draws == upper)).all()
+    assert (draws[:, :2] == x[:2]).all()
+    gap = upper - lower
+    # 4000 Bernoulli draws per entry: the mean is within 5 standard errors (≤ gap / (2 √4000)) of x
+    assert ((draws.mean(0) - x).abs() <= 5 * gap / (2 * 4000**0.5)).all()
+
+
+@pytest.mark.parametrize("bases", BASES)
+def test_bf16_weight_keeps_small_updates_with_stochastic_rounding(bases):
+    """bf16 W, keep_ratio = 1, SGD, updates far below W's rounding step: with stochastic rounding (no residual) W
+    tracks the float32 run in expectation — the mean error over all entries stays near zero and far below plain
+    bf16's, which loses the updates — while each entry carries zero-mean rounding noise of a few ulps."""
+    torch.manual_seed(0)
+    shape, lr, steps = (64, 48), 1e-4, 20
+    a = Adapted(shape=shape, bases=bases, dtype=torch.bfloat16, rounding="stochastic")
+    opt = _sparse_opt(a.W, shape[0] * shape[1], "sgd", lr=lr)
+    ref = a.w0.float().clone()
+    plain = a.w0.clone()
+    for g in _grads(steps, shape=shape, seed=11):
+        g = g.bfloat16()
+        a.W.grad = g.clone()
+        opt.step()
+        ref -= lr * g.float()
+        plain -= lr * g
+    assert a.layer._residual is None
+    moved = ref - a.w0.float()
+    err = a.W.detach().float() - ref
+    # the signal: SR keeps the updates (projection of W's change on the true change ≈ 1), plain bf16 loses them
+    gain = ((a.W.detach().float() - a.w0.float()) * moved).sum() / moved.square().sum()
+    gain_plain = ((plain.float() - a.w0.float()) * moved).sum() / moved.square().sum()
+    assert abs(gain - 1) < 0.15 and gain_plain < 0.7, (gain, gain_plain)
+    # the noise: zero mean, per entry within a few ulps of W
+    ulp = torch.finfo(torch.bfloat16).eps * ref.abs().max().item()
+    assert abs(err.mean().item()) < 0.05 * ulp and err.abs().max().item() < 4 * ulp
+    # ΔW' itself is float32: the sum of the rotated updates (rotated at bf16 precision), whatever W's rounding did
+    expected = -lr * sum(a.rotate(g.bfloat16().float()) for g in _grads(steps, shape=shape, seed=11))
+    torch.testing.assert_close(a.dense_delta(), expected, rtol=0, atol=2**-7 * expected.abs().max().item())

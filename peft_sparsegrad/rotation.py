@@ -1,0 +1,369 @@
+"""The products of the rotated basis: g = U_outᵀ G U_in, its top-k, g[S], and U_out δ U_inᵀ — never a dense copy too many.
+
+A training step of one adapted weight W (out × in) needs three products with its layer type's bases U_out, U_in:
+
+* the rotated gradient g = U_outᵀ G U_in and its k largest entries by |g| (dynamic selection, periodic refresh):
+  ``BasisPair.rotate_topk``;
+* g only on a fixed support S of k entries (periodic selection between refreshes): ``BasisPair.rotate_at``;
+* the change of W for a sparse change δ of W' (the update): ΔW = U_out δ U_inᵀ, produced in row or column blocks that
+  the layer adds to W one at a time: ``BasisPair.unrotated_blocks``.
+
+Peak memory is what these products are written for. The bases are stored once per layer type (float16 by default) and
+are never cast whole and cached: a cast of U_out of an up_proj is larger than the weight it serves. Only the *smaller*
+basis of a layer (min(out, in)² entries) is cast whole for a product; the larger one is read in column blocks. The top-k
+is taken block by block as the rotated gradient is produced (a running candidate set of ≤ 4k entries), so g itself never
+exists: besides G (overwritten in place when the caller owns it) a full rotation holds blocks of ``BLOCK_ELEMENTS``.
+The update is likewise a stream of blocks of ΔW, so no dense out × in change is ever materialised.
+
+Products run in the *compute dtype* (bfloat16 for half-precision weights, whose gradient has that precision anyway;
+float32 otherwise); the sparse sides (``torch.sparse.sampled_addmm``, sparse × dense) run in float32.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+#: Elements per block of a streamed product on CPU (float32 blocks of 512 KiB stay in cache); on GPUs one block is
+#: far larger, as kernel launches, not cache, set the cost there.
+BLOCK_ELEMENTS = {"cpu": 1 << 17, "default": 1 << 24}
+#: δ is handled as a dense |R| × |C| block while it fills at least 1/DENSE_FILL of it, else as a sparse matrix.
+DENSE_FILL = 32
+
+
+def block_rows(n_rows: int, row_len: int, device: torch.device) -> int:
+    """Rows per block so that a block holds about ``BLOCK_ELEMENTS`` elements."""
+    elements = BLOCK_ELEMENTS["cpu"] if device.type == "cpu" else BLOCK_ELEMENTS["default"]
+    return max(1, min(n_rows, elements // max(1, row_len)))
+
+
+def _column_major(u: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if u is None or u.dim() != 2 or u.mT.is_contiguous():
+        return u
+    return u.mT.contiguous().mT
+
+
+def _topk_positions(magnitude: torch.Tensor, m: int) -> torch.Tensor:
+    """Positions (int64, any order) of the m largest entries of a 1-D float32 ``magnitude``."""
+    n = magnitude.numel()
+    if m >= n:
+        return torch.arange(n, device=magnitude.device)
+    if magnitude.device.type == "cpu":  # numpy's introselect is ~5x faster than torch.topk on CPU
+        return torch.from_numpy(np.argpartition(magnitude.numpy(), n - m)[n - m:].astype(np.int64))
+    return magnitude.topk(m, sorted=False).indices
+
+
+class TopK:
+    """The k entries of largest magnitude of a matrix seen block by block (a running set of at most 4k candidates).
+
+    With ``support`` (sorted int32 flat indices) and ``max_new``, at most ``max_new`` entries outside the support may be
+    chosen: every support entry is a candidate, and only the ``max_new`` largest others (a capped support, see
+    ``SparseGradConfig.max_support``).
+    """
+
+    def __init__(self, k: int, n_in: int, device: torch.device, support: Optional[torch.Tensor] = None,
+                 max_new: Optional[int] = None) -> None:
+        self.k, self.n_in, self.device = k, n_in, device
+        self.restricted = support is not None and max_new is not None
+        self.support = support.long() if self.restricted else None
+        self.max_new = max_new if self.restricted else k
+        self._idx: list[torch.Tensor] = []
+        self._val: list[torch.Tensor] = []
+        self._count = 0
+        self._in_idx: list[torch.Tensor] = []  # restricted: values at the support entries (all kept)
+        self._in_val: list[torch.Tensor] = []
+
+    def add(self, block: torch.Tensor, row0: int, col0: int) -> None:
+        """``block`` = g[row0 : row0 + b, col0 : col0 + c] (any float dtype)."""
+        values = block.float().reshape(-1)  # a copy for bf16 blocks; a view of a float32 block
+        rows, cols = block.shape
+        flat_of = lambda pos: (pos.div(cols, rounding_mode="floor") + row0) * self.n_in + pos.remainder(cols) + col0
+        magnitude = values.abs()  # a new tensor: may be edited below
+        if self.restricted and self.support.numel():
+            # support entries inside this block: ranges of flat indices per row of the block
+            lo = row0 * self.n_in + col0
+            hi = (row0 + rows - 1) * self.n_in + col0 + cols
+            start, stop = torch.searchsorted(self.support, torch.tensor([lo, hi], device=self.support.device)).tolist()
+            cand = self.support[start:stop]
+            r, c = cand.div(self.n_in, rounding_mode="floor") - row0, cand.remainder(self.n_in) - col0
+            inside = (c >= 0) & (c < cols)
+            cand, pos = cand[inside], (r * cols + c)[inside]
+            self._in_idx.append(cand)
+            self._in_val.append(values[pos])
+            magnitude[pos] = -1.0  # not a "new" candidate
+        m = min(self.max_new, magnitude.numel())
+        if m <= 0:
+            return
+        pos = _topk_positions(magnitude, m)
+        if self.restricted:
+            pos = pos[magnitude[pos] >= 0]
+        self._idx.append(flat_of(pos))
+        self._val.append(values[pos])
+        self._count += pos.numel()
+        if self._count > 4 * max(self.max_new, 1):
+            self._reduce(self.max_new)
+
+    def _reduce(self, m: int) -> None:
+        idx, val = torch.cat(self._idx), torch.cat(self._val)
+        keep = _topk_positions(val.abs(), m)
+        self._idx, self._val, self._count = [idx[keep]], [val[keep]], keep.numel()
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat indices int64 sorted ascending, values float32) of the top-k."""
+        idx = self._idx + self._in_idx
+        val = self._val + self._in_val
+        if not idx:
+            return torch.empty(0, dtype=torch.long, device=self.device), torch.empty(0, device=self.device)
+        idx, val = torch.cat(idx), torch.cat(val)
+        keep = _topk_positions(val.abs(), self.k)
+        idx, val = idx[keep], val[keep]
+        order = idx.argsort()
+        return idx[order], val[order]
+
+
+@dataclass
+class BasisPair:
+    """Orthogonal bases of one layer type. ``None`` stands for the identity (MeProp): no rotation at all.
+
+    Stored in float16 by default (``SparseGradConfig.bases_dtype``, ``stored_as``: half the memory of float32, still
+    orthogonal to ~6e-4) or float32; products run in the compute dtype (module docstring), casting only what a product
+    reads. One object is shared by every layer of the type, so moving it (``to``) moves it for all of them, and it is
+    kept out of ``nn.Module`` buffers: DDP would otherwise re-broadcast it every forward and PEFT would cast it to a bf16
+    base model's dtype.
+    """
+
+    U_out: Optional[torch.Tensor]  # (out, out), stored column-major
+    U_in: Optional[torch.Tensor]  # (in, in), stored column-major
+
+    def __post_init__(self) -> None:
+        # Column-major storage (Uᵀ contiguous): gathers of columns of U (rows of Uᵀ) read contiguous memory.
+        self.U_out, self.U_in = _column_major(self.U_out), _column_major(self.U_in)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.U_out is None
+
+    def to(self, device: torch.device) -> "BasisPair":
+        if self.U_out is not None and self.U_out.device != device:
+            self.U_out = self.U_out.to(device)
+            self.U_in = self.U_in.to(device)
+        return self
+
+    def stored_as(self, dtype: torch.dtype) -> "BasisPair":
+        """This pair stored in ``dtype`` (``SparseGradConfig.bases_dtype``); one object per source pair, dtype and
+        device, so the layers of a type keep sharing their bases."""
+        if self.is_identity or self.U_out.dtype == dtype:
+            return self
+        stored = self.__dict__.setdefault("_stored", {})
+        other = stored.get(dtype)
+        if other is None or other.U_out.device != self.U_out.device:
+            other = stored[dtype] = BasisPair(self.U_out.to(dtype), self.U_in.to(dtype))
+        return other
+
+    def exact_in(self, dtype: torch.dtype) -> bool:
+        """Whether storing this pair in ``dtype`` loses nothing (a loaded adapter's bases must stay what it trained with)."""
+        if self.is_identity:
+            return True
+        return all(torch.equal(u.to(dtype).to(u.dtype), u) for u in (self.U_out, self.U_in))
+
+    def float32(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U_out, U_in) in float32, not cached (references and tests)."""
+        return self.U_out.float(), self.U_in.float()
+
+    @staticmethod
+    def _columns(u: torch.Tensor, index: torch.Tensor | slice, dtype: torch.dtype) -> torch.Tensor:
+        """U[:, index] in ``dtype``, gathered before the cast (column-major: contiguous rows of Uᵀ)."""
+        return u.T[index].to(dtype).T
+
+    # ---- the rotated gradient -------------------------------------------------------------------------------------
+
+    def rotate(self, grad: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """U_outᵀ · grad · U_in, dense, in ``dtype`` (default float32): the gradient of W' from the gradient of W. A
+        reference (tests, tiny layers); the training step uses ``rotate_topk`` / ``rotate_at``."""
+        dtype = dtype or torch.float32
+        if self.is_identity:
+            return grad.to(dtype)
+        return self.U_out.to(dtype).T @ grad.to(dtype) @ self.U_in.to(dtype)
+
+    def rotate_topk(self, grad: torch.Tensor, k: int, dtype: Optional[torch.dtype] = None, *, inplace: bool = False,
+                    support: Optional[torch.Tensor] = None, max_new: Optional[int] = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k entries of g = U_outᵀ · grad · U_in with the largest |g|: (flat indices int64 sorted, values float32).
+
+        g is produced block by block and only a running top-k of it is kept (``TopK``; ``support`` / ``max_new``
+        restrict it to a capped support). With ``inplace`` the caller hands over ``grad`` (out × in, row-major), which
+        is overwritten with its half-rotated product: then nothing of the size of G is allocated at all.
+        """
+        dtype = dtype or torch.float32
+        n_out, n_in = grad.shape
+        top = TopK(k, n_in, grad.device, support, max_new)
+        if self.is_identity:
+            step = block_rows(n_out, n_in, grad.device)
+            for r0 in range(0, n_out, step):
+                top.add(grad[r0:r0 + step], r0, 0)
+            return top.result()
+        owned = inplace and grad.dtype == dtype and grad.is_contiguous()
+        h = grad if owned else grad.to(dtype, copy=True, memory_format=torch.contiguous_format)
+        if n_out >= n_in:
+            # H = G U_in (the smaller basis cast whole), row blocks in place; then g = U_outᵀ H by row blocks of g
+            u_in = self.U_in.to(dtype)
+            step = block_rows(n_out, n_in, grad.device)
+            for r0 in range(0, n_out, step):
+                h[r0:r0 + step] = h[r0:r0 + step] @ u_in
+            del u_in
+            step = block_rows(n_out, n_in, grad.device)
+            for r0 in range(0, n_out, step):
+                top.add(self._columns(self.U_out, slice(r0, r0 + step), dtype).T @ h, r0, 0)
+        else:
+            # H = U_outᵀ G (the smaller basis cast whole), column blocks in place; then g = H U_in by column blocks
+            u_out_t = self.U_out.to(dtype).T
+            step = block_rows(n_in, n_out, grad.device)
+            for c0 in range(0, n_in, step):
+                h[:, c0:c0 + step] = u_out_t @ h[:, c0:c0 + step]
+            del u_out_t
+            for c0 in range(0, n_in, step):
+                top.add(h @ self._columns(self.U_in, slice(c0, c0 + step), dtype), 0, c0)
+        return top.result()
+
+    def rotate_at(self, grad: torch.Tensor, support: "Support", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """(U_outᵀ · grad · U_in)[S] for the k entries S of ``support`` (float32, in the order of ``support.flat``).
+
+        Only the rows R and columns C that S occupies matter: the cheaper side is a dense product with the gathered
+        columns of one basis, the other is sampled at S (``torch.sparse.sampled_addmm``): cost
+        out · in · min(|R|, |C|) + k · max(out, in) instead of out · in · (out + in) for the full rotation. Rotated
+        gradients concentrate on leading basis vectors, so |R| and |C| are often far below out and in.
+        """
+        if self.is_identity:
+            return grad.reshape(-1).index_select(0, support.flat.long()).float()
+        dtype = dtype or torch.float32
+        rows, cols, pattern = support.block()
+        n_out, n_in = grad.shape
+        g = grad.to(dtype)
+        # sampled_addmm takes dot products of rows of mat1 with columns of mat2 (float32): mat1 row-major, mat2
+        # column-major (~1.8x faster on CPU than a row-major mat2)
+        if n_out * cols.numel() <= rows.numel() * n_in:  # (U_out[:, R]ᵀ · (G U_in[:, C]))[S]
+            x = (self._columns(self.U_in, cols, dtype).T @ g.T).float().T  # G U_in[:, C]: out × |C|, column-major
+            mat1 = self.U_out.T[rows].float()  # U_out[:, R]ᵀ: |R| × out
+            return torch.sparse.sampled_addmm(pattern, mat1, x, beta=0.0).values()
+        y = (self._columns(self.U_out, rows, dtype).T @ g).float()  # U_out[:, R]ᵀ G: |R| × in
+        mat2 = self._columns(self.U_in, cols, torch.float32)  # U_in[:, C]: in × |C|, column-major
+        return torch.sparse.sampled_addmm(pattern, y, mat2, beta=0.0).values()
+
+    # ---- the change of W ------------------------------------------------------------------------------------------
+
+    def unrotated_blocks(self, flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
+                         dtype: Optional[torch.dtype] = None, support: Optional["Support"] = None,
+                         ) -> Iterator[tuple[tuple[slice, slice], torch.Tensor]]:
+        """ΔW = U_out · δ · U_inᵀ for δ = ``values`` at the unique sorted flat indices ``flat``, as a stream of
+        ((rows, cols) slices of W, block of ΔW in ``dtype``) that together cover W once.
+
+        With R, C the rows and columns δ occupies and B = δ[R, C] (dense while it fills ≥ 1/DENSE_FILL of the block,
+        else sparse), ΔW = U_out[:, R] · B · U_in[:, C]ᵀ. The side whose gathered basis columns are fewer is kept whole
+        and the other streamed: row blocks ΔW[r] = (U_out[r, R] B) U_in[:, C]ᵀ or column blocks
+        ΔW[:, c] = U_out[:, R] (B U_in[c, C]ᵀ). Cost out · in · min(|R|, |C|) + |R| · |C| · max(out, in) at most.
+        ``support``: δ is on this periodic Support, in its order (its rows/columns are cached there).
+        """
+        if self.is_identity:
+            raise ValueError("identity bases change W entry by entry (SparseGradLayer handles MeProp)")
+        dtype = dtype or torch.float32
+        n_out, n_in = shape
+        values = values.float()
+        if support is not None:
+            rows, cols, pattern = support.block()
+            crow = pattern.crow_indices()
+            r_pos = torch.repeat_interleave(torch.arange(rows.numel(), device=values.device), crow.diff().long())
+            c_pos = pattern.col_indices().long()
+        else:
+            flat = flat.long()
+            rows, r_pos = torch.unique_consecutive(flat.div(n_in, rounding_mode="floor"), return_inverse=True)
+            cols, c_pos = torch.unique(flat.remainder(n_in), return_inverse=True)
+        n_r, n_c = rows.numel(), cols.numel()
+        if n_r == 0:
+            return
+        dense = n_r * n_c <= DENSE_FILL * values.numel()
+        if n_in * n_c <= n_out * n_r:  # row blocks; whole: U_in[:, C]ᵀ (|C| × in)
+            if dense:
+                block = torch.zeros(n_c, n_r, dtype=torch.float32, device=values.device)  # Bᵀ
+                block[c_pos, r_pos] = values
+            else:
+                block = torch.sparse_coo_tensor(torch.stack([c_pos, r_pos]), values, (n_c, n_r),
+                                                check_invariants=False).coalesce()
+            u_in_c_t = self.U_in.T[cols].to(dtype)  # |C| × in
+            step = block_rows(n_out, n_in, values.device)
+            for r0 in range(0, n_out, step):
+                u_out_rb = self.U_out.T[rows, r0:r0 + step].float()  # U_out[r, R]ᵀ: |R| × b
+                n_t = block @ u_out_rb if dense else torch.sparse.mm(block, u_out_rb)  # (U_out[r, R] B)ᵀ: |C| × b
+                yield (slice(r0, r0 + step), slice(None)), n_t.T.to(dtype) @ u_in_c_t
+        else:  # column blocks; whole: U_out[:, R] (out × |R|)
+            if dense:
+                block = torch.zeros(n_r, n_c, dtype=torch.float32, device=values.device)  # B
+                block[r_pos, c_pos] = values
+            else:
+                block = torch.sparse_coo_tensor(torch.stack([r_pos, c_pos]), values, (n_r, n_c),
+                                                check_invariants=False).coalesce()
+            u_out_r = self._columns(self.U_out, rows, dtype)  # out × |R|
+            step = block_rows(n_in, n_out, values.device)
+            for c0 in range(0, n_in, step):
+                u_in_cb = self.U_in.T[cols, c0:c0 + step].float()  # U_in[c, C]ᵀ: |C| × b
+                m = block @ u_in_cb if dense else torch.sparse.mm(block, u_in_cb)  # B U_in[c, C]ᵀ: |R| × b
+                yield (slice(None), slice(c0, c0 + step)), u_out_r @ m.to(dtype)
+
+    def unrotate_sparse(self, flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
+                        dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """U_out · δ · U_inᵀ as one dense out × in tensor (in ``dtype``, default float32) for δ = ``values`` at the
+        unique sorted flat indices ``flat``: merges, loading and references (training adds ``unrotated_blocks``)."""
+        dtype = dtype or torch.float32
+        out = torch.zeros(shape, dtype=dtype, device=values.device)
+        if self.is_identity:
+            return out.view(-1).index_copy_(0, flat.long(), values.to(dtype)).view(shape)
+        for index, block in self.unrotated_blocks(flat, values, shape, dtype):
+            out[index] = block
+        return out
+
+    def unrotate(self, delta: torch.Tensor) -> torch.Tensor:
+        """U_out · ΔW' · U_inᵀ (float32, out × in) for a dense ΔW': the change of W from the change of W'."""
+        flat = delta.reshape(-1).nonzero().squeeze(1)
+        return self.unrotate_sparse(flat, delta.reshape(-1)[flat], tuple(delta.shape))
+
+
+@dataclass
+class Support:
+    """A fixed set of k entries of an out × in matrix: sorted flat indices, plus the block pattern rotations need.
+
+    ``selection="periodic"`` keeps ΔW' training on one Support between refreshes; the step computes the rotated
+    gradient only there (``BasisPair.rotate_at``). ``selected_at`` is the optimizer step that chose it.
+    """
+
+    flat: torch.Tensor  # (k,) int32 or int64, sorted ascending, unique
+    shape: tuple[int, int]  # (out, in)
+    selected_at: int
+    _block: Optional[tuple[torch.Tensor, ...]] = field(default=None, repr=False)
+    #: weak reference to the ΔW' index vector S was last merged into (the step skips re-checking it until then)
+    merged_into: Optional[weakref.ref] = field(default=None, repr=False)
+
+    def block(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(R, C, pattern): the rows and columns S occupies (sorted) and S as a float32 CSR pattern of the |R| × |C|
+        block (zero values; the mask of ``torch.sparse.sampled_addmm``). Row-major CSR order = the order of ``flat``.
+
+        Only the int32 row pointers and column indices are kept between refreshes (4 bytes per entry); the pattern's
+        values are a new zero vector per call."""
+        if self._block is None or self._block[0].device != self.flat.device:
+            n_in = self.shape[1]
+            flat = self.flat.long()
+            rows, row_pos = torch.unique_consecutive(flat.div(n_in, rounding_mode="floor"), return_inverse=True)
+            cols, col_pos = torch.unique(flat.remainder(n_in), return_inverse=True)
+            crow = torch.zeros(rows.numel() + 1, dtype=torch.int32, device=self.flat.device)
+            crow[1:] = torch.bincount(row_pos, minlength=rows.numel()).cumsum(0)
+            self._block = (rows, cols, crow, col_pos.to(torch.int32))
+        rows, cols, crow, col = self._block
+        values = torch.zeros(col.numel(), dtype=torch.float32, device=col.device)
+        with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm on CSR is what we need
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(crow, col, values, size=(rows.numel(), cols.numel()),
+                                              check_invariants=False)
+        return rows, cols, pattern

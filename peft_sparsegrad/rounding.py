@@ -1,0 +1,63 @@
+"""How an update reaches a bfloat16 / float16 weight W: stochastic rounding (no extra memory) or compensated summation.
+
+A SparseGrad step changes every entry of W a little: U_out δ U_inᵀ spreads the k changed entries of W' over the whole
+matrix, mostly far below W's rounding step (bf16 keeps 8 significant bits). Rounded to nearest, such changes vanish.
+``SparseGradConfig.rounding`` picks one of two remedies:
+
+* ``"stochastic"`` (default): W ← SR(W + change), rounding up with probability equal to the distance to the value
+  below, over the rounding step. Unbiased (E[SR(x)] = x), so small updates accumulate in expectation; no memory besides
+  W. The price is noise: W drifts from W₀ + U_out ΔW' U_inᵀ by a sum of independent rounding errors (zero mean, about
+  √(steps · step size · |change|) per entry). The adapter ΔW' itself is exact (float32); reloading it gives
+  round(W₀ + ΔW) without that noise.
+* ``"compensated"``: a residual of W's dtype keeps what rounding loses (W + residual carries ~16 significant bits for
+  bf16): W stays W₀ + ΔW to that precision, at 2 bytes per weight.
+
+For bf16 the stochastic rounding is the usual bit trick: add 16 random bits below the bf16 mantissa of the float32
+value and truncate. For fp16 it picks between the two neighbours of the float32 value with the right probability.
+Random numbers come from the global generator of W's device, so a seeded run is reproducible (and the ``Trainer``'s
+checkpoints carry that generator's state).
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROUNDINGS = ("stochastic", "compensated")
+
+
+def stochastic_round(total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``total`` (float32, consumed: it is overwritten) rounded stochastically to ``dtype`` (bfloat16 or float16)."""
+    if dtype == torch.bfloat16:
+        bits = total.view(torch.int32)
+        bits.add_(torch.randint_like(bits, 0, 1 << 16)).bitwise_and_(-65536)  # 0xFFFF0000: exact in bf16 now
+        return total.to(torch.bfloat16)
+    if dtype == torch.float16:
+        nearest = total.to(torch.float16)
+        error = total - nearest.float()
+        toward = torch.where(error > 0, torch.inf, -torch.inf).to(torch.float16)
+        other = torch.nextafter(nearest, toward)
+        gap = (other.float() - nearest.float()).abs()
+        p_other = torch.where(gap > 0, error.abs() / gap, torch.zeros_like(gap))
+        return torch.where(torch.rand_like(total) < p_other, other, nearest)
+    raise TypeError(f"stochastic rounding is for bfloat16/float16 weights, not {dtype}")
+
+
+@torch.no_grad()
+def add_to_half_(w: torch.Tensor, change: torch.Tensor, mode: str, residual: torch.Tensor | None = None) -> None:
+    """W += change for a half-precision W (a block of it), in float32 arithmetic:
+
+    * ``"compensated"``: total = W + residual + change; W = round(total); residual = total − W;
+    * ``"stochastic"``: W = SR(W + change);
+    * ``"nearest"``: W = round(W + change) (merges outside training, where the change is the whole ΔW).
+    """
+    total = w.float().add_(change)  # promotes in the kernel: no converted copy of ``change``
+    if mode == "compensated":
+        total.add_(residual)
+        w.copy_(total)
+        residual.copy_(total.sub_(w))
+    elif mode == "stochastic":
+        w.copy_(stochastic_round(total, w.dtype))
+    elif mode == "nearest":
+        w.copy_(total)
+    else:
+        raise ValueError(f"unknown rounding mode {mode!r}; expected one of {ROUNDINGS + ('nearest',)}")
