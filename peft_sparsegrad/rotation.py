@@ -42,6 +42,28 @@ def block_rows(n_rows: int, row_len: int, device: torch.device) -> int:
     return max(1, min(n_rows, elements // max(1, row_len)))
 
 
+def bucket(m: int, n: int) -> int:
+    """The smallest size ≥ m on a geometric grid (multiples of 16, ratio ~1.25), at most n.
+
+    Gathered row/column counts |R|, |C| of a support change with every selection; GEMMs of ever new shapes make
+    CPU libraries (oneDNN) compile and cache a kernel per shape, memory that grows for the whole run. Padding the
+    gathers to this grid (≤ 25 % more columns, most often far less) keeps the set of shapes small."""
+    size = 16
+    while size < m:
+        size = max(size + 16, (int(size * 1.25) + 15) // 16 * 16)
+    return min(size, n)
+
+
+def padded(index: torch.Tensor, n: int) -> torch.Tensor:
+    """``index`` (sorted, unique) followed by the smallest indices of range(n) it lacks, up to ``bucket(len, n)``."""
+    target = bucket(index.numel(), n)
+    if target <= index.numel():
+        return index
+    free = torch.ones(n, dtype=torch.bool, device=index.device)
+    free[index] = False
+    return torch.cat([index, free.nonzero().squeeze(1)[:target - index.numel()]])
+
+
 def _column_major(u: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if u is None or u.dim() != 2 or u.mT.is_contiguous():
         return u
@@ -115,6 +137,8 @@ class TopK:
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(flat indices int64 sorted ascending, values float32) of the top-k."""
+        if self.restricted and self._count > self.max_new:
+            self._reduce(self.max_new)  # at most max_new new entries may enter the final choice
         idx = self._idx + self._in_idx
         val = self._val + self._in_val
         if not idx:
@@ -246,7 +270,7 @@ class BasisPair:
         g = grad.to(dtype)
         # sampled_addmm takes dot products of rows of mat1 with columns of mat2 (float32): mat1 row-major, mat2
         # column-major (~1.8x faster on CPU than a row-major mat2)
-        if n_out * cols.numel() <= rows.numel() * n_in:  # (U_out[:, R]ᵀ · (G U_in[:, C]))[S]
+        if cols.numel() <= rows.numel():  # (U_out[:, R]ᵀ · (G U_in[:, C]))[S]: the smaller dense product
             x = (self._columns(self.U_in, cols, dtype).T @ g.T).float().T  # G U_in[:, C]: out × |C|, column-major
             mat1 = self.U_out.T[rows].float()  # U_out[:, R]ᵀ: |R| × out
             return torch.sparse.sampled_addmm(pattern, mat1, x, beta=0.0).values()
@@ -262,11 +286,11 @@ class BasisPair:
         """ΔW = U_out · δ · U_inᵀ for δ = ``values`` at the unique sorted flat indices ``flat``, as a stream of
         ((rows, cols) slices of W, block of ΔW in ``dtype``) that together cover W once.
 
-        With R, C the rows and columns δ occupies and B = δ[R, C] (dense while it fills ≥ 1/DENSE_FILL of the block,
-        else sparse), ΔW = U_out[:, R] · B · U_in[:, C]ᵀ. The side whose gathered basis columns are fewer is kept whole
-        and the other streamed: row blocks ΔW[r] = (U_out[r, R] B) U_in[:, C]ᵀ or column blocks
-        ΔW[:, c] = U_out[:, R] (B U_in[c, C]ᵀ). Cost out · in · min(|R|, |C|) + |R| · |C| · max(out, in) at most.
-        ``support``: δ is on this periodic Support, in its order (its rows/columns are cached there).
+        With R, C the rows and columns δ occupies and B = δ[R, C] (dense in ``dtype`` while it fills ≥ 1/DENSE_FILL
+        of the block, else a float32 CSR matrix), ΔW = U_out[:, R] · B · U_in[:, C]ᵀ. The side whose gathered basis
+        columns are fewer is kept whole and the other streamed: row blocks ΔW[r] = (U_out[r, R] B) U_in[:, C]ᵀ or
+        column blocks ΔW[:, c] = U_out[:, R] (B U_in[c, C]ᵀ). ``support``: δ is on this periodic Support, in its
+        order (its rows/columns are cached there).
         """
         if self.is_identity:
             raise ValueError("identity bases change W entry by entry (SparseGradLayer handles MeProp)")
@@ -276,41 +300,43 @@ class BasisPair:
         if support is not None:
             rows, cols, pattern = support.block()
             crow = pattern.crow_indices()
-            r_pos = torch.repeat_interleave(torch.arange(rows.numel(), device=values.device), crow.diff().long())
+            r_pos = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=values.device), crow.diff().long())
             c_pos = pattern.col_indices().long()
         else:
             flat = flat.long()
             rows, r_pos = torch.unique_consecutive(flat.div(n_in, rounding_mode="floor"), return_inverse=True)
             cols, c_pos = torch.unique(flat.remainder(n_in), return_inverse=True)
+            rows, cols = padded(rows, n_out), padded(cols, n_in)
         n_r, n_c = rows.numel(), cols.numel()
-        if n_r == 0:
+        if values.numel() == 0:
             return
         dense = n_r * n_c <= DENSE_FILL * values.numel()
-        if n_in * n_c <= n_out * n_r:  # row blocks; whole: U_in[:, C]ᵀ (|C| × in)
-            if dense:
-                block = torch.zeros(n_c, n_r, dtype=torch.float32, device=values.device)  # Bᵀ
-                block[c_pos, r_pos] = values
-            else:
-                block = torch.sparse_coo_tensor(torch.stack([c_pos, r_pos]), values, (n_c, n_r),
-                                                check_invariants=False).coalesce()
-            u_in_c_t = self.U_in.T[cols].to(dtype)  # |C| × in
+        row_blocks = n_in * n_c <= n_out * n_r  # keep U_in[:, C] whole and stream rows of W, or the other way round
+        # B (or Bᵀ for row blocks): |R| × |C|, the side to stream second
+        index = torch.stack([c_pos, r_pos] if row_blocks else [r_pos, c_pos])
+        size = (n_c, n_r) if row_blocks else (n_r, n_c)
+        if dense:
+            block = torch.zeros(size, dtype=dtype, device=values.device)
+            block[index[0], index[1]] = values.to(dtype)
+        else:
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is what we need
+                warnings.simplefilter("ignore", UserWarning)
+                block = torch.sparse_coo_tensor(index, values, size, check_invariants=False).coalesce() \
+                    .to_sparse_csr()
+        product_dtype = dtype if dense else torch.float32
+        if row_blocks:
+            u_in_c_t = self.U_in.T[cols].to(dtype)  # U_in[:, C]ᵀ: |C| × in
+            u_out_r_t = self.U_out.T[rows]  # U_out[:, R]ᵀ: |R| × out, stored dtype, gathered once
             step = block_rows(n_out, n_in, values.device)
             for r0 in range(0, n_out, step):
-                u_out_rb = self.U_out.T[rows, r0:r0 + step].float()  # U_out[r, R]ᵀ: |R| × b
-                n_t = block @ u_out_rb if dense else torch.sparse.mm(block, u_out_rb)  # (U_out[r, R] B)ᵀ: |C| × b
+                n_t = block @ u_out_r_t[:, r0:r0 + step].to(product_dtype)  # (U_out[r, R] B)ᵀ: |C| × b
                 yield (slice(r0, r0 + step), slice(None)), n_t.T.to(dtype) @ u_in_c_t
-        else:  # column blocks; whole: U_out[:, R] (out × |R|)
-            if dense:
-                block = torch.zeros(n_r, n_c, dtype=torch.float32, device=values.device)  # B
-                block[r_pos, c_pos] = values
-            else:
-                block = torch.sparse_coo_tensor(torch.stack([r_pos, c_pos]), values, (n_r, n_c),
-                                                check_invariants=False).coalesce()
-            u_out_r = self._columns(self.U_out, rows, dtype)  # out × |R|
+        else:
+            u_out_r = self._columns(self.U_out, rows, dtype)  # U_out[:, R]: out × |R|
+            u_in_c_t = self.U_in.T[cols]  # U_in[:, C]ᵀ: |C| × in, stored dtype, gathered once
             step = block_rows(n_in, n_out, values.device)
             for c0 in range(0, n_in, step):
-                u_in_cb = self.U_in.T[cols, c0:c0 + step].float()  # U_in[c, C]ᵀ: |C| × b
-                m = block @ u_in_cb if dense else torch.sparse.mm(block, u_in_cb)  # B U_in[c, C]ᵀ: |R| × b
+                m = block @ u_in_c_t[:, c0:c0 + step].to(product_dtype)  # B U_in[c, C]ᵀ: |R| × b
                 yield (slice(None), slice(c0, c0 + step)), u_out_r @ m.to(dtype)
 
     def unrotate_sparse(self, flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
@@ -347,8 +373,9 @@ class Support:
     merged_into: Optional[weakref.ref] = field(default=None, repr=False)
 
     def block(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(R, C, pattern): the rows and columns S occupies (sorted) and S as a float32 CSR pattern of the |R| × |C|
-        block (zero values; the mask of ``torch.sparse.sampled_addmm``). Row-major CSR order = the order of ``flat``.
+        """(R, C, pattern): the rows and columns S occupies (sorted; then padded with unused ones to the shape grid,
+        ``padded``) and S as a float32 CSR pattern of the |R| × |C| block (zero values; the mask of
+        ``torch.sparse.sampled_addmm``). Row-major CSR order = the order of ``flat``.
 
         Only the int32 row pointers and column indices are kept between refreshes (4 bytes per entry); the pattern's
         values are a new zero vector per call."""
@@ -357,6 +384,8 @@ class Support:
             flat = self.flat.long()
             rows, row_pos = torch.unique_consecutive(flat.div(n_in, rounding_mode="floor"), return_inverse=True)
             cols, col_pos = torch.unique(flat.remainder(n_in), return_inverse=True)
+            # padded to the shape grid (``bucket``): extra rows hold no entry, extra columns none either
+            rows, cols = padded(rows, self.shape[0]), padded(cols, n_in)
             crow = torch.zeros(rows.numel() + 1, dtype=torch.int32, device=self.flat.device)
             crow[1:] = torch.bincount(row_pos, minlength=rows.numel()).cumsum(0)
             self._block = (rows, cols, crow, col_pos.to(torch.int32))

@@ -20,16 +20,33 @@ checkpoints carry that generator's state).
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 ROUNDINGS = ("stochastic", "compensated")
+
+
+def random_bits16(shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Uniform random integers in [0, 2¹⁶) as int32, from the global generator of ``device``.
+
+    On CPU torch draws ~4 ns per number, which made the rounding the slowest part of a step; there one seed is drawn
+    from torch's generator (so ``torch.manual_seed`` and the Trainer's saved RNG state still fix everything) and numpy's
+    PCG64 supplies the raw bits, 16 per number (~7x faster)."""
+    n = math.prod(shape)
+    if device.type != "cpu":
+        return torch.randint(0, 1 << 16, tuple(shape), dtype=torch.int32, device=device)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    raw = np.random.PCG64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]
+    return torch.from_numpy(raw).to(torch.int32).bitwise_and_(0xFFFF).view(tuple(shape))
 
 
 def stochastic_round(total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``total`` (float32, consumed: it is overwritten) rounded stochastically to ``dtype`` (bfloat16 or float16)."""
     if dtype == torch.bfloat16:
         bits = total.view(torch.int32)
-        bits.add_(torch.randint_like(bits, 0, 1 << 16)).bitwise_and_(-65536)  # 0xFFFF0000: exact in bf16 now
+        bits.add_(random_bits16(bits.shape, bits.device)).bitwise_and_(-65536)  # 0xFFFF0000: exact in bf16 now
         return total.to(torch.bfloat16)
     if dtype == torch.float16:
         nearest = total.to(torch.float16)

@@ -717,7 +717,7 @@ def test_bf16_weight_keeps_small_updates_with_stochastic_rounding(bases):
     tracks the float32 run in expectation — the mean error over all entries stays near zero and far below plain
     bf16's, which loses the updates — while each entry carries zero-mean rounding noise of a few ulps."""
     torch.manual_seed(0)
-    shape, lr, steps = (64, 48), 1e-4, 20
+    shape, lr, steps = (96, 64), 1e-3, 20
     a = Adapted(shape=shape, bases=bases, dtype=torch.bfloat16, rounding="stochastic")
     opt = _sparse_opt(a.W, shape[0] * shape[1], "sgd", lr=lr)
     ref = a.w0.float().clone()
@@ -734,7 +734,7 @@ def test_bf16_weight_keeps_small_updates_with_stochastic_rounding(bases):
     # the signal: SR keeps the updates (projection of W's change on the true change ≈ 1), plain bf16 loses them
     gain = ((a.W.detach().float() - a.w0.float()) * moved).sum() / moved.square().sum()
     gain_plain = ((plain.float() - a.w0.float()) * moved).sum() / moved.square().sum()
-    assert abs(gain - 1) < 0.15 and gain_plain < 0.7, (gain, gain_plain)
+    assert abs(gain - 1) < 0.1 and gain_plain < 0.7, (gain, gain_plain)
     # the noise: zero mean, per entry within a few ulps of W
     ulp = torch.finfo(torch.bfloat16).eps * ref.abs().max().item()
     assert abs(err.mean().item()) < 0.05 * ulp and err.abs().max().item() < 4 * ulp

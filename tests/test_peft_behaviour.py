@@ -203,7 +203,7 @@ def test_round_trip_in_process_and_config(arch, tmp_path):
 
     loaded = PeftModel.from_pretrained(build_model(arch), tmp_path)
     assert isinstance(loaded.base_model, SparseGradModel)
-    torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=2e-6, rtol=0)  # float32: step by step vs at once
     assert not any(p.requires_grad for p in loaded.parameters())  # inference mode by default
     original = {k: v.detach().clone() for k, v in base_params(build_model(arch)).items()}
     for name, layer in sparsegrad_layers(loaded).items():
