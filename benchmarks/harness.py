@@ -65,9 +65,11 @@ def reset_hwm() -> bool:
 
 
 def run_worker(cmd: list[str], out: str, timeout: int, env: Optional[dict] = None) -> dict:
-    """Run one worker process that writes its result as JSON to ``out``; the result, or {"error": ...}."""
+    """Run one worker process that writes its result as JSON to ``out``; the result, or {"error": ...}. ``env``
+    overrides ``WORKER_ENV`` (a value None removes the variable)."""
     environment = {**os.environ, **WORKER_ENV, **(env or {}),
                    "PYTHONPATH": os.pathsep.join([REPO, HERE, os.environ.get("PYTHONPATH", "")])}
+    environment = {k: v for k, v in environment.items() if v is not None}  # env={"X": None} unsets X
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=environment, timeout=timeout, cwd=REPO)

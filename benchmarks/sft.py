@@ -28,7 +28,13 @@ import tempfile
 import time
 
 DEFAULT_GRIDS = {"full": [3e-5, 1e-4], "lora": [1e-3, 3e-3], "meprop": [1e-3, 3e-3], "sparsegrad": [1e-3, 3e-3]}
-METHODS = ("full", "lora", "meprop", "sparsegrad")
+#: SparseGrad variants: (SparseGradConfig overrides, step inside backward). "sparsegrad" is the default config;
+#: "sparsegrad-exact" what earlier versions trained (dynamic selection, unbounded support, compensated rounding,
+#: dense path); "sparsegrad-dynamic" the default with selection="dynamic".
+VARIANTS = {"sparsegrad": ({}, True),
+            "sparsegrad-exact": ({"selection": "dynamic", "max_support": None, "rounding": "compensated"}, False),
+            "sparsegrad-dynamic": ({"selection": "dynamic"}, True)}
+METHODS = ("full", "lora", "meprop", *VARIANTS)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,6 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-eval-samples", type=int, default=128)
     p.add_argument("--max-seq-length", type=int, default=256)
     p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps per run (overrides --epochs)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--eval-reloaded", action="store_true",
+                   help="also evaluate each adapter saved and loaded onto a fresh base model")
+    p.add_argument("--model-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="dtype of the model's weights (bf16: the decoder protocol of the memory benchmarks)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--blocks-every", type=int, default=3, help="adapt blocks 0, N, 2N, ...")
     p.add_argument("--keep-ratio", type=float, default=0.01)
@@ -88,13 +100,17 @@ def run_method(method: str, args) -> dict:
     test = sft.subsample(sft.load_conversations(args.eval_file), args.max_eval_samples, seed=0)
     n_held = max(1, round(args.select_fraction * len(train)))
     fit, held = train[:-n_held], train[-n_held:]  # the subsample is already a random draw
-    common = dict(method=method, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
+    base_method = "sparsegrad" if method in VARIANTS else method
+    overrides, fused = VARIANTS.get(method, ({}, True))
+    common = dict(method=base_method, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
                   blocks_every=args.blocks_every, keep_ratio=args.keep_ratio, calibration_steps=args.calibration_steps,
-                  max_new_tokens=args.max_new_tokens)
+                  max_new_tokens=args.max_new_tokens, max_steps=args.max_steps, bf16=args.bf16,
+                  model_dtype={"fp32": "float32", "bf16": "bfloat16"}[args.model_dtype],
+                  **({"step_in_backward": fused, **overrides} if base_method in ("sparsegrad", "meprop") else {}))
     bases = None
     calibration_s = 0.0
-    if method == "sparsegrad":  # calibrate once (on the selection part of train), reuse for every run
-        model, tokenizer = sft.load_causal_lm(model_path)
+    if base_method == "sparsegrad":  # calibrate once (on the selection part of train), reuse for every run
+        model, tokenizer = sft.load_causal_lm(model_path, dtype=common["model_dtype"])
         data = sft.build_sft_data(fit, tokenizer, args.max_seq_length)
         setup = sft.setup_sft_method(
             method, model, layers=sft.block_indices(model, args.blocks_every), keep_ratio=args.keep_ratio,
@@ -104,7 +120,7 @@ def run_method(method: str, args) -> dict:
         print(f"[{method}] calibrated on {args.calibration_steps} batches in {calibration_s:.0f} s", flush=True)
         del model, setup
 
-    grid = grids(args)[method]
+    grid = grids(args).get(method, grids(args)[base_method])
     selection = {}
     select_epochs = args.select_epochs or args.epochs
     if len(grid) > 1:
@@ -118,17 +134,21 @@ def run_method(method: str, args) -> dict:
     before = samples_before = None
     for seed in [int(s) for s in str(args.seeds).split(",") if s.strip()]:
         r = sft.train_sft(model_path, train, test, lr=best_lr, epochs=args.epochs, seed=seed, bases=bases,
-                          num_samples=args.num_samples, eval_before=before, samples_before=samples_before, **common)
+                          num_samples=args.num_samples, eval_before=before, samples_before=samples_before,
+                          eval_reloaded=args.eval_reloaded, **common)
         before = {"loss": r["eval_loss_before"], "token_accuracy": r["eval_token_accuracy_before"]}
         samples_before = [s["before"] for s in r["samples"]]
         runs.append(_clean(r))
+        reloaded = f" (reloaded adapter {r['eval_loss_reloaded']:.4f})" if "eval_loss_reloaded" in r else ""
         print(f"[{method}] lr={best_lr:g} seed={seed} eval loss {r['eval_loss_before']:.4f} -> "
-              f"{r['eval_loss_after']:.4f}, token acc {r['eval_token_accuracy_before']:.4f} -> "
+              f"{r['eval_loss_after']:.4f}{reloaded}, token acc {r['eval_token_accuracy_before']:.4f} -> "
               f"{r['eval_token_accuracy_after']:.4f}, step {r['step_time_s']:.2f} s", flush=True)
     losses = [r["eval_loss_after"] for r in runs]
     accs = [r["eval_token_accuracy_after"] for r in runs]
+    reloaded = [r["eval_loss_reloaded"] for r in runs if "eval_loss_reloaded" in r]
     return {
         "eval_loss_mean": statistics.mean(losses), "eval_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+        "eval_losses_reloaded": reloaded,
         "eval_losses": losses, "eval_token_accuracy_mean": statistics.mean(accs),
         "eval_token_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "eval_token_accuracies": accs,
         "eval_loss_before": runs[0]["eval_loss_before"],
@@ -170,7 +190,9 @@ def write_reports(report: dict, output: str) -> None:
     for method, r in report["results"].items():
         rows.append(f"| {method} | {r['eval_loss_mean']:.4f} ± {r['eval_loss_std']:.4f} | "
                     f"{100 * r['eval_token_accuracy_mean']:.2f} ± {100 * r['eval_token_accuracy_std']:.2f} | "
-                    f"{', '.join(f'{v:.4f}' for v in r['eval_losses'])} | {r['lr']:g} | {r['trainable_params']:,} | "
+                    f"{', '.join(f'{v:.4f}' for v in r['eval_losses'])}"
+                    f"{' (reloaded: ' + ', '.join(f'{v:.4f}' for v in r['eval_losses_reloaded']) + ')' if r.get('eval_losses_reloaded') else ''}"
+                    f" | {r['lr']:g} | {r['trainable_params']:,} | "
                     f"{statistics.mean(r['stored_params']):,.0f} | {r['step_time_s']:.2f} | {r['peak_mem_mb']:.0f} |")
     notes = "\n".join(f"- **{m}**: {r['note']}; LR selection (held-out loss): "
                       + ", ".join(f"{k}: {v:.4f}" for k, v in r["lr_selection"].items())

@@ -79,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker-timeout", type=int, default=3600)
     p.add_argument("--output-dir", default=os.path.join(harness.HERE, "results"))
     p.add_argument("--name", default="trainer_memory")
+    p.add_argument("--time-only", action="store_true",
+                   help="step times without the pinned mmap threshold (it makes every large allocation a fresh "
+                        "mapping, which slows allocation-heavy steps); peaks are then not comparable")
     p.add_argument("--quick", action="store_true", help="tiny random LLaMA, 2 steps (CI smoke run)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-output", default=None, help=argparse.SUPPRESS)
@@ -355,7 +358,8 @@ def main(argv=None) -> None:
         runs["calibration"] = harness.run_worker(_cmd(args, "calibrate", out), out, args.worker_timeout)
     for method in methods:
         out = os.path.join(tmp, f"{method}.json")
-        runs[method] = harness.run_worker(_cmd(args, method, out), out, args.worker_timeout)
+        env = {"MALLOC_MMAP_THRESHOLD_": None} if args.time_only else None
+        runs[method] = harness.run_worker(_cmd(args, method, out), out, args.worker_timeout, env=env)
         r = runs[method]
         print(f"[trainer_memory] {method}: " + (r["error"] + " " + r.get("stderr_tail", "")[-800:] if "error" in r
               else f"peak {r['peak_rss_mib']:.0f} MiB, step {r['step_time_s']:.3f} s"), flush=True)

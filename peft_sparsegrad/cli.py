@@ -86,9 +86,69 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _max_support(text: str) -> Optional[float]:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 1 or 'none', got {text!r}") from None
+    if not value >= 1 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be >= 1 (multiples of k) or 'none' (unbounded), got {text}")
+    return value
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # parser
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def _add_update_options(m) -> None:
+    """The SparseGrad update options both training commands share; defaults are SparseGradConfig's."""
+    m.add_argument("--sparse-optimizer", default="adamw", choices=["adamw", "sparse_adam"],
+                   help="update rule of the sparse entries: adamw (state only for entries ever selected) or "
+                        "sparse_adam (paper-faithful lazy Adam; implies --selection dynamic)")
+    m.add_argument("--selection", default=None, choices=["dynamic", "periodic"],
+                   help="periodic (default): the top-k support is re-selected every --refresh-interval steps and "
+                        "fixed in between (fastest, leanest); dynamic: top-k of the full rotated gradient every step "
+                        "(the paper)")
+    m.add_argument("--refresh-interval", type=_positive_int, default=100,
+                   help="steps between support re-selections with --selection periodic")
+    m.add_argument("--max-support", type=_max_support, default=2.0, metavar="X",
+                   help="ΔW' (the adapter) holds at most X·k entries; 'none': unbounded (the paper's dynamic method)")
+    m.add_argument("--rounding", default="stochastic", choices=["stochastic", "compensated"],
+                   help="how updates reach bf16/fp16 weights: stochastic rounding (no extra memory) or a compensated "
+                        "residual (exact to ~16 bits, 2 bytes per adapted weight)")
+    m.add_argument("--dense-step", action="store_true",
+                   help="keep each adapted weight's dense gradient until the optimizer step instead of rotating and "
+                        "selecting inside backward (more memory; for comparison)")
+    m.add_argument("--gram-precision", default="fp32", choices=["fp32", "bf16"],
+                   help="arithmetic of the bases (sparsegrad, when calibrating): fp32 (float64 sums and eigh, "
+                        "default) or bf16 (bfloat16 products, float32 sums and eigh: faster, half the memory)")
+    m.add_argument("--bases-dtype", default="float16", choices=["float16", "float32"],
+                   help="storage of the bases U_out, U_in (sparsegrad): float16 (default, half the memory, orthogonal to "
+                        "~6e-4) or float32 (exactly orthogonal)")
+
+
+def _effective_update(model, args) -> dict:
+    """The update settings the trained SparseGrad/MeProp model really used (its config), for results.json."""
+    config = next(iter(getattr(model, "peft_config", {}).values()), None)
+    if args.method not in ("sparsegrad", "meprop") or config is None or not hasattr(config, "selection"):
+        return {k: None for k in ("sparse_optimizer", "selection", "refresh_interval", "max_support", "rounding",
+                                  "step_in_backward")}
+    return {"sparse_optimizer": config.sparse_optimizer, "selection": config.selection,
+            "refresh_interval": config.refresh_interval if config.selection == "periodic" else None,
+            "max_support": config.max_support, "rounding": config.rounding, "step_in_backward": not args.dense_step}
+
+
+def _update_config(args) -> dict:
+    """SparseGradConfig fields from the shared update options (selection None: the config's default)."""
+    options = {"sparse_optimizer": args.sparse_optimizer, "refresh_interval": args.refresh_interval,
+               "max_support": args.max_support, "rounding": args.rounding, "gram_precision": args.gram_precision,
+               "bases_dtype": args.bases_dtype}
+    if args.selection is not None:
+        options["selection"] = args.selection
+    return options
 
 
 def _add_model_data_options(p: argparse.ArgumentParser) -> None:
@@ -155,13 +215,7 @@ def _add_sft_parser(sub) -> None:
     m.add_argument("--calibration-steps", type=_positive_int, default=8, help="calibration batches (sparsegrad)")
     m.add_argument("--bases", default=None, metavar="PATH",
                    help="reuse bases instead of calibrating: a bases file or a saved SparseGrad adapter directory")
-    m.add_argument("--sparse-optimizer", default="adamw", choices=["adamw", "sparse_adam"])
-    m.add_argument("--selection", default="dynamic", choices=["dynamic", "periodic"])
-    m.add_argument("--refresh-interval", type=_positive_int, default=100)
-    m.add_argument("--gram-precision", default="fp32", choices=["fp32", "bf16"])
-    m.add_argument("--bases-dtype", default="float16", choices=["float16", "float32"],
-                   help="storage of the bases U_out, U_in (sparsegrad): float16 (default, half the memory, orthogonal to "
-                        "~6e-4) or float32 (exactly orthogonal)")
+    _add_update_options(m)
     t = sft.add_argument_group("training")
     t.add_argument("--epochs", type=_positive_float, default=1.0)
     t.add_argument("--lr", type=_positive_float, default=None,
@@ -202,20 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--bases", default=None, metavar="PATH",
                    help="reuse bases instead of calibrating: a file from `sparsegrad calibrate` or a saved SparseGrad "
                         "adapter directory (sparsegrad only)")
-    m.add_argument("--sparse-optimizer", default="adamw", choices=["adamw", "sparse_adam"],
-                   help="update rule of the sparse entries: adamw (state only for entries ever selected) or "
-                        "sparse_adam (paper-faithful lazy Adam)")
-    m.add_argument("--selection", default="dynamic", choices=["dynamic", "periodic"],
-                   help="dynamic: top-k of the full rotated gradient every step (the paper); periodic: the top-k "
-                        "support is re-selected every --refresh-interval steps and fixed in between (faster)")
-    m.add_argument("--refresh-interval", type=_positive_int, default=100,
-                   help="steps between support re-selections with --selection periodic")
-    m.add_argument("--gram-precision", default="fp32", choices=["fp32", "bf16"],
-                   help="arithmetic of the bases (sparsegrad, when calibrating): fp32 (float64 sums and eigh, "
-                        "default) or bf16 (bfloat16 products, float32 sums and eigh: faster, half the memory)")
-    m.add_argument("--bases-dtype", default="float16", choices=["float16", "float32"],
-                   help="storage of the bases U_out, U_in (sparsegrad): float16 (default, half the memory, orthogonal to "
-                        "~6e-4) or float32 (exactly orthogonal)")
+    _add_update_options(m)
     t = ft.add_argument_group("training")
     t.add_argument("--epochs", type=_positive_float, default=3.0)
     t.add_argument("--lr", type=_positive_float, default=None,
@@ -579,10 +620,8 @@ def cmd_finetune(args) -> int:
               f"Bases: calibrating on {args.calibration_steps} batches of {args.batch_size}", flush=True)
     setup = setup_method(args.method, base, args.keep_ratio,
                          calibration_batches(data.train, collator, args.batch_size, args.seed),
-                         args.calibration_steps, bases=args.bases, sparse_optimizer=args.sparse_optimizer,
-                         gram_precision=args.gram_precision, selection=args.selection,
-                         refresh_interval=args.refresh_interval, bases_dtype=args.bases_dtype,
-                         progress=not args.no_progress)
+                         args.calibration_steps, bases=args.bases, progress=not args.no_progress,
+                         step_in_backward=not args.dense_step, **_update_config(args))
     print(f"Trainable per step: {setup.trainable_params:,} ({setup.note})", flush=True)
 
     with tempfile.TemporaryDirectory() as workdir:
@@ -606,10 +645,7 @@ def cmd_finetune(args) -> int:
         "batch_size": args.batch_size, "max_seq_length": args.max_seq_length, "seed": args.seed,
         "keep_ratio": args.keep_ratio if args.method != "full" else None,
         "bases": (args.bases or f"calibrated ({args.calibration_steps} steps)") if args.method == "sparsegrad" else None,
-        "sparse_optimizer": args.sparse_optimizer if args.method in ("sparsegrad", "meprop") else None,
-        "selection": args.selection if args.method in ("sparsegrad", "meprop") else None,
-        "refresh_interval": (args.refresh_interval if args.method in ("sparsegrad", "meprop")
-                             and args.selection == "periodic" else None),
+        **_effective_update(model, args),
         "calibration_steps": args.calibration_steps if args.method == "sparsegrad" and not args.bases else None,
         "gram_precision": args.gram_precision if args.method == "sparsegrad" and not args.bases else None,
         "bases_dtype": args.bases_dtype if args.method == "sparsegrad" else None,
@@ -724,11 +760,10 @@ def cmd_sft(args) -> int:
             result = sft.train_sft(
                 model_path, train, evals, method=args.method, lr=lr, epochs=args.epochs, batch_size=args.batch_size,
                 max_seq_length=args.max_seq_length, blocks_every=args.blocks_every, keep_ratio=args.keep_ratio,
-                calibration_steps=args.calibration_steps, bases=bases, sparse_optimizer=args.sparse_optimizer,
-                selection=args.selection, refresh_interval=args.refresh_interval,
-                gram_precision=args.gram_precision, bases_dtype=args.bases_dtype, seed=args.seed, bf16=args.bf16,
-                num_samples=3,
-                max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+                calibration_steps=args.calibration_steps, bases=bases, seed=args.seed, bf16=args.bf16,
+                num_samples=3, max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                **(dict(step_in_backward=not args.dense_step, **_update_config(args))
+                   if args.method in ("sparsegrad", "meprop") else {}))
     except OSError as exc:
         raise CLIError(f"--model {model_path!r} could not be loaded: {_one_line(exc)}") from exc
     model, tokenizer = result.pop("model"), result.pop("tokenizer")
@@ -745,7 +780,7 @@ def cmd_sft(args) -> int:
         tokenizer.save_pretrained(args.output_dir)
     results = {**result, "train_file": args.train_file, "eval_file": args.eval_file, "model": model_path,
                "bases": (args.bases or f"calibrated ({args.calibration_steps} steps)")
-               if args.method == "sparsegrad" else None, "bf16": args.bf16}
+               if args.method == "sparsegrad" else None, "bf16": args.bf16, **_effective_update(model, args)}
     with open(os.path.join(args.output_dir, RESULTS_FILE), "w") as f:
         json.dump(results, f, indent=2)
     kind = "model" if args.method == "full" else "adapter"

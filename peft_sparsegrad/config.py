@@ -226,6 +226,13 @@ class SparseGradConfig(PeftConfig):
         # "No data and no bases" is reported by get_peft_model, not here: PeftConfig.from_pretrained builds this class
         # from a saved adapter_config.json, which legitimately has no data.
 
+    def selection_summary(self) -> str:
+        """How the entries are chosen, in words (notes of the recipes and benchmarks)."""
+        chosen = ("re-selected every step" if self.selection == "dynamic"
+                  else f"support re-selected every {self.refresh_interval} steps")
+        bound = "unbounded support" if self.max_support is None else f"support ≤ {self.max_support:g}·k"
+        return f"{chosen}, {bound}"
+
     def to_dict(self) -> dict:
         """Serializable fields only. The dataloader is dropped before copying (a generator cannot be deep-copied), and
         a saved adapter always carries its bases, so the saved ``bases`` says where to find them."""

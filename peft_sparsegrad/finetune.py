@@ -74,15 +74,14 @@ def setup_method(
     calibration: Optional[Callable[[], Any]] = None,
     calibration_steps: int = 30,
     bases: Optional[str] = None,
-    sparse_optimizer: str = "adamw",
-    gram_precision: str = "fp32",
-    selection: str = "dynamic",
-    refresh_interval: int = 100,
     progress: bool = True,
-    bases_dtype: str = "float16",
+    step_in_backward: bool = True,
+    **config_options: Any,
 ) -> MethodSetup:
     """Wrap ``base_model`` for ``method``. ``calibration`` returns a fresh iterable of batches (SparseGrad only);
-    ``gram_precision`` and ``bases_dtype`` are those fields of ``SparseGradConfig``."""
+    ``config_options`` are further ``SparseGradConfig`` fields (selection, max_support, rounding, sparse_optimizer,
+    refresh_interval, gram_precision, bases_dtype; the config's defaults otherwise); ``step_in_backward`` goes to
+    ``SparseGradCallback``."""
     from peft import LoraConfig, get_peft_model
 
     if method not in METHODS:
@@ -100,8 +99,7 @@ def setup_method(
         head = _head_params(model)
         return MethodSetup(model, [], budget["lora_params"] + head,
                            f"LoRA r={budget['lora_rank']} on the MLP ({budget['lora_params']} params) + head")
-    common = dict(task_type="SEQ_CLS", keep_ratio=keep_ratio, sparse_optimizer=sparse_optimizer, selection=selection,
-                  refresh_interval=refresh_interval, bases_dtype=bases_dtype)
+    common = dict(task_type="SEQ_CLS", keep_ratio=keep_ratio, **config_options)
     if method == "meprop":
         config = SparseGradConfig(bases="identity", **common)
     elif bases is not None:
@@ -109,14 +107,14 @@ def setup_method(
     else:
         if calibration is None:
             raise ValueError("SparseGrad needs calibration batches or a bases file.")
-        config = SparseGradConfig(calibration_steps=calibration_steps, gram_precision=gram_precision, **common)
+        config = SparseGradConfig(calibration_steps=calibration_steps, **common)
         # what get_peft_model would do with calibration_dataloader, but with the caller's progress setting
         config.precomputed_bases = calibrate(base_model, config, calibration(), progress=progress)
     model = get_peft_model(base_model, config)
     head = _head_params(model)
-    chosen = "per step" if selection == "dynamic" else f"support re-selected every {refresh_interval} steps"
-    return MethodSetup(model, [SparseGradCallback()], budget["sparsegrad_k"] + head,
-                       f"top-{keep_ratio:.2%} of the MLP ({budget['sparsegrad_k']} entries, {chosen}) + head")
+    return MethodSetup(model, [SparseGradCallback(step_in_backward=step_in_backward)], budget["sparsegrad_k"] + head,
+                       f"top-{keep_ratio:.2%} of the MLP ({budget['sparsegrad_k']} entries, {config.selection_summary()}) "
+                       "+ head")
 
 
 def _head_params(model: torch.nn.Module) -> int:

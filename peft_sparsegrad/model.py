@@ -4,7 +4,8 @@ checkpoint) *before* touching the model, swaps in SparseGradLinear, and stores a
 Saved format (adapter_model.safetensors), per adapted layer ``<m>``:
 ``<m>.sparsegrad_indices`` (int32, 2 × nnz: row, column of ΔW'), ``<m>.sparsegrad_values`` (float32, nnz) and
 ``<m>.sparsegrad_shape`` (int32, (out, in) of ΔW'; optional when loading), plus the bases once per layer type:
-``sparsegrad_bases.<type>.U_out`` / ``.U_in`` (float32, absent for identity/MeProp).
+``sparsegrad_bases.<type>.U_out`` / ``.U_in`` (in their storage dtype, float16 by default; absent for
+identity/MeProp).
 """
 
 from __future__ import annotations
@@ -219,8 +220,9 @@ class SparseGradModel(BaseTuner):
             out[f"{name}.sparsegrad_shape.{adapter_name}"] = torch.tensor(delta.shape, dtype=torch.int32)
             if not pair.is_identity:
                 layer_type = module.sparsegrad_type[adapter_name]
-                out[bases_key(layer_type, "U_out", prefix)] = pair.U_out.detach().float().cpu().contiguous()
-                out[bases_key(layer_type, "U_in", prefix)] = pair.U_in.detach().float().cpu().contiguous()
+                # in their storage dtype (float16 by default: half the file, and exactly what training used)
+                out[bases_key(layer_type, "U_out", prefix)] = pair.U_out.detach().cpu().contiguous()
+                out[bases_key(layer_type, "U_in", prefix)] = pair.U_in.detach().cpu().contiguous()
         return out
 
     @classmethod

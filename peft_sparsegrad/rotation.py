@@ -43,25 +43,37 @@ def block_rows(n_rows: int, row_len: int, device: torch.device) -> int:
 
 
 def bucket(m: int, n: int) -> int:
-    """The smallest size ≥ m on a geometric grid (multiples of 16, ratio ~1.25), at most n.
+    """The smallest size ≥ m on a geometric grid (multiples of 16, ratio ~1.25); n once that reaches 90 % of n.
 
     Gathered row/column counts |R|, |C| of a support change with every selection; GEMMs of ever new shapes make
     CPU libraries (oneDNN) compile and cache a kernel per shape, memory that grows for the whole run. Padding the
-    gathers to this grid (≤ 25 % more columns, most often far less) keeps the set of shapes small."""
+    gathers to this grid (≤ 25 % more columns, most often far less) keeps the set of shapes small, and a gather of
+    nearly everything becomes a plain view of the whole basis."""
     size = 16
     while size < m:
         size = max(size + 16, (int(size * 1.25) + 15) // 16 * 16)
-    return min(size, n)
+    return n if size >= 0.9 * n else size
 
 
-def padded(index: torch.Tensor, n: int) -> torch.Tensor:
-    """``index`` (sorted, unique) followed by the smallest indices of range(n) it lacks, up to ``bucket(len, n)``."""
+def gather_index(index: torch.Tensor, n: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``index`` (sorted, unique, int64) widened to ``bucket(len, n)`` entries: followed by the smallest indices of
+    range(n) it lacks, or all of range(n). Returns (widened index, remap): positions p into ``index`` become
+    ``remap[p]`` in the widened one (None: unchanged)."""
     target = bucket(index.numel(), n)
+    if target >= n:
+        return torch.arange(n, device=index.device), index
     if target <= index.numel():
-        return index
+        return index, None
     free = torch.ones(n, dtype=torch.bool, device=index.device)
     free[index] = False
-    return torch.cat([index, free.nonzero().squeeze(1)[:target - index.numel()]])
+    return torch.cat([index, free.nonzero().squeeze(1)[:target - index.numel()]]), None
+
+
+def rows_of(u_t: torch.Tensor, index: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+    """Rows ``index[start:stop]`` of Uᵀ (= columns of U): a view where the index is all rows in order."""
+    if index.numel() == u_t.shape[0]:  # gather_index's arange
+        return u_t[start:stop]
+    return u_t[index[start:stop]]
 
 
 def _column_major(u: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -258,25 +270,37 @@ class BasisPair:
         """(U_outᵀ · grad · U_in)[S] for the k entries S of ``support`` (float32, in the order of ``support.flat``).
 
         Only the rows R and columns C that S occupies matter: the cheaper side is a dense product with the gathered
-        columns of one basis, the other is sampled at S (``torch.sparse.sampled_addmm``): cost
-        out · in · min(|R|, |C|) + k · max(out, in) instead of out · in · (out + in) for the full rotation. Rotated
-        gradients concentrate on leading basis vectors, so |R| and |C| are often far below out and in.
+        columns of one basis, the other is sampled at S (``torch.sparse.sampled_addmm``), chunk by chunk of R: cost
+        out · in · min(|R|, |C|) + k · max(out, in) instead of out · in · (out + in) for the full rotation, and no
+        float32 copy of a whole basis.
         """
         if self.is_identity:
             return grad.reshape(-1).index_select(0, support.flat.long()).float()
         dtype = dtype or torch.float32
-        rows, cols, pattern = support.block()
+        rows, cols, crow, col = support.block_parts()
         n_out, n_in = grad.shape
         g = grad.to(dtype)
+        out = torch.empty(col.numel(), dtype=torch.float32, device=grad.device)
+        step = block_rows(rows.numel(), max(n_out, n_in), grad.device)
         # sampled_addmm takes dot products of rows of mat1 with columns of mat2 (float32): mat1 row-major, mat2
         # column-major (~1.8x faster on CPU than a row-major mat2)
-        if cols.numel() <= rows.numel():  # (U_out[:, R]ᵀ · (G U_in[:, C]))[S]: the smaller dense product
-            x = (self._columns(self.U_in, cols, dtype).T @ g.T).float().T  # G U_in[:, C]: out × |C|, column-major
-            mat1 = self.U_out.T[rows].float()  # U_out[:, R]ᵀ: |R| × out
-            return torch.sparse.sampled_addmm(pattern, mat1, x, beta=0.0).values()
-        y = (self._columns(self.U_out, rows, dtype).T @ g).float()  # U_out[:, R]ᵀ G: |R| × in
-        mat2 = self._columns(self.U_in, cols, torch.float32)  # U_in[:, C]: in × |C|, column-major
-        return torch.sparse.sampled_addmm(pattern, y, mat2, beta=0.0).values()
+        by_columns = cols.numel() <= rows.numel()
+        if by_columns:  # (U_out[:, R]ᵀ · (G U_in[:, C]))[S]: X = G U_in[:, C] once, out × |C|, column-major
+            fixed = (rows_of(self.U_in.T, cols).to(dtype) @ g.T).float().T
+        else:  # ((U_out[:, R]ᵀ G) · U_in[:, C])[S]: U_in[:, C] once, in × |C|, column-major
+            fixed = rows_of(self.U_in.T, cols).float().T
+        for r0 in range(0, rows.numel(), step):
+            r1 = min(r0 + step, rows.numel())
+            a, b = int(crow[r0]), int(crow[r1])
+            if a == b:
+                continue
+            pattern = _csr(crow[r0:r1 + 1] - a, col[a:b], (r1 - r0, cols.numel()))
+            if by_columns:
+                mat1, mat2 = rows_of(self.U_out.T, rows, r0, r1).float(), fixed  # U_out[:, R_chunk]ᵀ
+            else:
+                mat1, mat2 = (rows_of(self.U_out.T, rows, r0, r1).to(dtype) @ g).float(), fixed  # U_out[:, R_c]ᵀ G
+            out[a:b] = torch.sparse.sampled_addmm(pattern, mat1, mat2, beta=0.0).values()
+        return out
 
     # ---- the change of W ------------------------------------------------------------------------------------------
 
@@ -298,15 +322,16 @@ class BasisPair:
         n_out, n_in = shape
         values = values.float()
         if support is not None:
-            rows, cols, pattern = support.block()
-            crow = pattern.crow_indices()
+            rows, cols, crow, col = support.block_parts()
             r_pos = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=values.device), crow.diff().long())
-            c_pos = pattern.col_indices().long()
+            c_pos = col.long()
         else:
             flat = flat.long()
             rows, r_pos = torch.unique_consecutive(flat.div(n_in, rounding_mode="floor"), return_inverse=True)
             cols, c_pos = torch.unique(flat.remainder(n_in), return_inverse=True)
-            rows, cols = padded(rows, n_out), padded(cols, n_in)
+            (rows, r_map), (cols, c_map) = gather_index(rows, n_out), gather_index(cols, n_in)
+            r_pos = r_pos if r_map is None else r_map[r_pos]
+            c_pos = c_pos if c_map is None else c_map[c_pos]
         n_r, n_c = rows.numel(), cols.numel()
         if values.numel() == 0:
             return
@@ -325,18 +350,18 @@ class BasisPair:
                     .to_sparse_csr()
         product_dtype = dtype if dense else torch.float32
         if row_blocks:
-            u_in_c_t = self.U_in.T[cols].to(dtype)  # U_in[:, C]ᵀ: |C| × in
-            u_out_r_t = self.U_out.T[rows]  # U_out[:, R]ᵀ: |R| × out, stored dtype, gathered once
+            u_in_c_t = rows_of(self.U_in.T, cols).to(dtype)  # U_in[:, C]ᵀ: |C| × in
+            u_out_t = self.U_out.T if n_r == n_out else self.U_out.T[rows]  # U_out[:, R]ᵀ, |R| × out, stored dtype
             step = block_rows(n_out, n_in, values.device)
             for r0 in range(0, n_out, step):
-                n_t = block @ u_out_r_t[:, r0:r0 + step].to(product_dtype)  # (U_out[r, R] B)ᵀ: |C| × b
+                n_t = block @ u_out_t[:, r0:r0 + step].to(product_dtype)  # (U_out[r, R] B)ᵀ: |C| × b
                 yield (slice(r0, r0 + step), slice(None)), n_t.T.to(dtype) @ u_in_c_t
         else:
-            u_out_r = self._columns(self.U_out, rows, dtype)  # U_out[:, R]: out × |R|
-            u_in_c_t = self.U_in.T[cols]  # U_in[:, C]ᵀ: |C| × in, stored dtype, gathered once
+            u_out_r = rows_of(self.U_out.T, rows).to(dtype).T  # U_out[:, R]: out × |R|
+            u_in_t = self.U_in.T if n_c == n_in else self.U_in.T[cols]  # U_in[:, C]ᵀ: |C| × in, stored dtype
             step = block_rows(n_in, n_out, values.device)
             for c0 in range(0, n_in, step):
-                m = block @ u_in_c_t[:, c0:c0 + step].to(product_dtype)  # B U_in[c, C]ᵀ: |R| × b
+                m = block @ u_in_t[:, c0:c0 + step].to(product_dtype)  # B U_in[c, C]ᵀ: |R| × b
                 yield (slice(None), slice(c0, c0 + step)), u_out_r @ m.to(dtype)
 
     def unrotate_sparse(self, flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
@@ -372,27 +397,34 @@ class Support:
     #: weak reference to the ΔW' index vector S was last merged into (the step skips re-checking it until then)
     merged_into: Optional[weakref.ref] = field(default=None, repr=False)
 
-    def block(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(R, C, pattern): the rows and columns S occupies (sorted; then padded with unused ones to the shape grid,
-        ``padded``) and S as a float32 CSR pattern of the |R| × |C| block (zero values; the mask of
-        ``torch.sparse.sampled_addmm``). Row-major CSR order = the order of ``flat``.
-
-        Only the int32 row pointers and column indices are kept between refreshes (4 bytes per entry); the pattern's
-        values are a new zero vector per call."""
+    def block_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(R, C, crow, col): the rows and columns S occupies — sorted, then widened to the shape grid
+        (``gather_index``; extra rows and columns hold no entry) — and S as CSR of the |R| × |C| block (int32 row
+        pointers and column positions, 4 bytes per entry, cached until the next refresh). Row-major CSR order = the
+        order of ``flat``."""
         if self._block is None or self._block[0].device != self.flat.device:
-            n_in = self.shape[1]
+            n_out, n_in = self.shape
             flat = self.flat.long()
             rows, row_pos = torch.unique_consecutive(flat.div(n_in, rounding_mode="floor"), return_inverse=True)
             cols, col_pos = torch.unique(flat.remainder(n_in), return_inverse=True)
-            # padded to the shape grid (``bucket``): extra rows hold no entry, extra columns none either
-            rows, cols = padded(rows, self.shape[0]), padded(cols, n_in)
+            (rows, r_map), (cols, c_map) = gather_index(rows, n_out), gather_index(cols, n_in)
+            row_pos = row_pos if r_map is None else r_map[row_pos]
+            col_pos = col_pos if c_map is None else c_map[col_pos]
             crow = torch.zeros(rows.numel() + 1, dtype=torch.int32, device=self.flat.device)
             crow[1:] = torch.bincount(row_pos, minlength=rows.numel()).cumsum(0)
             self._block = (rows, cols, crow, col_pos.to(torch.int32))
-        rows, cols, crow, col = self._block
-        values = torch.zeros(col.numel(), dtype=torch.float32, device=col.device)
-        with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm on CSR is what we need
-            warnings.simplefilter("ignore", UserWarning)
-            pattern = torch.sparse_csr_tensor(crow, col, values, size=(rows.numel(), cols.numel()),
-                                              check_invariants=False)
-        return rows, cols, pattern
+        return self._block
+
+    def block(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(R, C, pattern): ``block_parts`` with S as a float32 CSR pattern of the |R| × |C| block (zero values; the
+        mask of ``torch.sparse.sampled_addmm``)."""
+        rows, cols, crow, col = self.block_parts()
+        return rows, cols, _csr(crow, col, (rows.numel(), cols.numel()))
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A float32 CSR matrix of zeros with this pattern (the mask ``sampled_addmm`` fills)."""
+    with warnings.catch_warnings():  # "CSR support is in beta": sampled_addmm on CSR is what we need
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, torch.zeros(col.numel(), dtype=torch.float32, device=col.device),
+                                       size=size, check_invariants=False)

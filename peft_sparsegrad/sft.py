@@ -436,13 +436,14 @@ class SFTSetup:
 def setup_sft_method(method: str, base_model, *, layers: Sequence[int], keep_ratio: float = 0.01,
                      target_modules: Sequence[str] = DEFAULT_TARGETS,
                      calibration: Optional[Iterable[dict]] = None, calibration_steps: int = 8,
-                     bases: Any = None, sparse_optimizer: str = "adamw", selection: str = "dynamic",
-                     refresh_interval: int = 100, gram_precision: str = "fp32", bases_dtype: str = "float16",
-                     progress: bool = False) -> SFTSetup:
+                     bases: Any = None, progress: bool = False, step_in_backward: bool = True,
+                     **config_options: Any) -> SFTSetup:
     """Wrap ``base_model`` (a causal LM) for ``method`` on ``target_modules`` of blocks ``layers``.
 
     ``calibration``: collated training batches with labels (sparsegrad, unless ``bases`` — a path or a
-    ``SparseGradBases`` — is given)."""
+    ``SparseGradBases`` — is given). ``config_options``: further ``SparseGradConfig`` fields (selection, max_support,
+    rounding, sparse_optimizer, refresh_interval, gram_precision, bases_dtype; the config's defaults otherwise);
+    ``step_in_backward`` goes to ``SparseGradCallback``."""
     from peft import LoraConfig, get_peft_model
 
     import peft_sparsegrad
@@ -467,8 +468,7 @@ def setup_sft_method(method: str, base_model, *, layers: Sequence[int], keep_rat
         model = get_peft_model(base_model, config)
         return SFTSetup(model, [], budget["lora_params"], f"LoRA r={r} on {where} ({budget['lora_params']:,} params)")
     common = dict(task_type="CAUSAL_LM", target_modules=targets, layers_to_transform=layers, keep_ratio=keep_ratio,
-                  sparse_optimizer=sparse_optimizer, selection=selection, refresh_interval=refresh_interval,
-                  bases_dtype=bases_dtype)
+                  **config_options)
     start = time.perf_counter()
     if method == "meprop":
         config = SparseGradConfig(bases="identity", **common)
@@ -479,14 +479,14 @@ def setup_sft_method(method: str, base_model, *, layers: Sequence[int], keep_rat
     else:
         if calibration is None:
             raise ValueError("sparsegrad needs calibration batches (or bases)")
-        config = SparseGradConfig(calibration_steps=calibration_steps, gram_precision=gram_precision, **common)
+        config = SparseGradConfig(calibration_steps=calibration_steps, **common)
         bases = peft_sparsegrad.calibrate(base_model, config, calibration, progress=progress)
         config.precomputed_bases = bases
     calibration_s = time.perf_counter() - start
     model = get_peft_model(base_model, config)
-    return SFTSetup(model, [SparseGradCallback()], budget["sparsegrad_k"],
-                    f"top-{keep_ratio:.2%} of {where} ({budget['sparsegrad_k']:,} entries per step"
-                    f"{', identity bases' if method == 'meprop' else ''})",
+    return SFTSetup(model, [SparseGradCallback(step_in_backward=step_in_backward)], budget["sparsegrad_k"],
+                    f"top-{keep_ratio:.2%} of {where} ({budget['sparsegrad_k']:,} entries per step, "
+                    f"{config.selection_summary()}{', identity bases' if method == 'meprop' else ''})",
                     bases if method == "sparsegrad" else None, calibration_s)
 
 
@@ -560,15 +560,18 @@ def train(setup: SFTSetup, train_data: SFTData, collator: Callable, *, lr: float
                                None), "loss_curve": losses, "trainer": trainer}
 
 
-def load_causal_lm(model_path: str, seed: int = 0):
-    """A pretrained causal LM (float32) and its tokenizer (with a chat template)."""
+def load_causal_lm(model_path: str, seed: int = 0, dtype: str = "float32"):
+    """A pretrained causal LM (weights in ``dtype``: "float32" or "bfloat16") and its tokenizer (with a chat
+    template)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     ensure_chat_template(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
     if model.generation_config is not None:  # greedy everywhere: no sampling defaults from the checkpoint
         model.generation_config.do_sample = False
         for k in ("temperature", "top_p", "top_k"):
@@ -580,21 +583,23 @@ def load_causal_lm(model_path: str, seed: int = 0):
 def train_sft(model_path: str, train_conversations: Sequence[Conversation], eval_conversations: Sequence[Conversation],
               *, method: str = "sparsegrad", lr: float = 1e-3, epochs: float = 1.0, batch_size: int = 8,
               max_seq_length: int = 512, blocks_every: int = 3, keep_ratio: float = 0.01,
-              calibration_steps: int = 8, bases: Any = None, sparse_optimizer: str = "adamw",
-              selection: str = "dynamic", refresh_interval: int = 100, gram_precision: str = "fp32",
-              bases_dtype: str = "float16", seed: int = 0, bf16: bool = False, output_dir: Optional[str] = None, num_samples: int = 3,
-              max_new_tokens: int = 48, progress: bool = False, eval_before: Optional[dict] = None,
-              samples_before: Optional[list[str]] = None, eval_batch_size: int = 8,
-              max_steps: int = -1) -> dict[str, Any]:
+              calibration_steps: int = 8, bases: Any = None, seed: int = 0, bf16: bool = False,
+              output_dir: Optional[str] = None, num_samples: int = 3, max_new_tokens: int = 48, progress: bool = False,
+              eval_before: Optional[dict] = None, samples_before: Optional[list[str]] = None, eval_batch_size: int = 8,
+              max_steps: int = -1, step_in_backward: bool = True, model_dtype: str = "float32",
+              eval_reloaded: bool = False, **config_options: Any) -> dict[str, Any]:
     """Tokenize, build ``method``, evaluate, train, evaluate again; returns metrics (and the trained ``model``,
     ``tokenizer`` under those keys). ``eval_before``/``samples_before`` skip recomputing the base model's numbers
     (they depend only on the base model and the eval set; ``eval_before=False`` skips it). ``output_dir`` is the
-    Trainer's scratch directory."""
+    Trainer's scratch directory. ``model_dtype``: the weights' dtype ("bfloat16" trains bf16 weights in place).
+    ``eval_reloaded``: also evaluate the saved adapter loaded onto a fresh copy of the base model (what a user ships;
+    with stochastic rounding the trained W also carries rounding noise the adapter does not).
+    ``config_options``: ``SparseGradConfig`` fields (see ``setup_sft_method``)."""
     import tempfile
 
     import torch
 
-    model, tokenizer = load_causal_lm(model_path, seed)
+    model, tokenizer = load_causal_lm(model_path, seed, model_dtype)
     train_data = build_sft_data(train_conversations, tokenizer, max_seq_length)
     eval_data = build_sft_data(eval_conversations, tokenizer, max_seq_length)
     if len(train_data) == 0:
@@ -616,10 +621,8 @@ def train_sft(model_path: str, train_conversations: Sequence[Conversation], eval
     if method == "sparsegrad" and bases is None:
         calibration = batches(train_data.examples, collator, batch_size, seed=seed, n_batches=calibration_steps)
     setup = setup_sft_method(method, model, layers=layers, keep_ratio=keep_ratio, calibration=calibration,
-                             calibration_steps=calibration_steps, bases=bases, sparse_optimizer=sparse_optimizer,
-                             selection=selection, refresh_interval=refresh_interval, gram_precision=gram_precision,
-                             bases_dtype=bases_dtype,
-                             progress=progress)
+                             calibration_steps=calibration_steps, bases=bases, progress=progress,
+                             step_in_backward=step_in_backward, **config_options)
     with tempfile.TemporaryDirectory() as scratch:
         result = train(setup, train_data, collator, lr=lr, epochs=epochs, batch_size=batch_size, seed=seed,
                        output_dir=output_dir or scratch, bf16=bf16, progress=progress, max_steps=max_steps)
@@ -627,12 +630,21 @@ def train_sft(model_path: str, train_conversations: Sequence[Conversation], eval
     trained = trainer.model
     eval_after = evaluate(trained, eval_data, collator, eval_batch_size)
     samples_after = generate(trained, tokenizer, prompts, max_new_tokens) if num_samples else []
+    reloaded = {}
+    if eval_reloaded and method in ("sparsegrad", "meprop", "lora"):
+        from peft import PeftModel
+
+        with tempfile.TemporaryDirectory() as saved:
+            trained.save_pretrained(saved)
+            fresh, _ = load_causal_lm(model_path, seed, model_dtype)
+            reloaded = evaluate(PeftModel.from_pretrained(fresh, saved), eval_data, collator, eval_batch_size)
+            reloaded = {"eval_loss_reloaded": reloaded["loss"], "eval_token_accuracy_reloaded": reloaded["token_accuracy"]}
     return {
         "method": method, "lr": lr, "epochs": epochs, "batch_size": batch_size, "max_seq_length": max_seq_length,
         "seed": seed, "layers": layers, "keep_ratio": keep_ratio if method != "full" else None,
         "eval_loss_before": eval_before["loss"], "eval_loss_after": eval_after["loss"],
         "eval_token_accuracy_before": eval_before["token_accuracy"],
-        "eval_token_accuracy_after": eval_after["token_accuracy"], "eval_tokens": eval_after["tokens"],
+        "eval_token_accuracy_after": eval_after["token_accuracy"], "eval_tokens": eval_after["tokens"], **reloaded,
         "train_samples": len(train_data), "train_dropped": train_data.dropped, "eval_samples": len(eval_data),
         "eval_dropped": eval_data.dropped, "train_assistant_tokens": train_data.assistant_tokens,
         "trainable_params": setup.trainable_params, "stored_params": stored_params(trained, method),
