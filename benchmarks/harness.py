@@ -136,12 +136,27 @@ def machine_info(device: str = "cpu", threads: Optional[int] = None) -> dict:
             "git_commit": _git("log", "-1", "--format=%h"),
             "git_uncommitted_in_package": _git("status", "--porcelain", "--", "peft_sparsegrad"), "device": device,
             "torch_threads": threads, "loadavg_1min": loadavg()}
+    if device == "cuda":
+        try:
+            import torch
+
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        except Exception:  # no usable GPU: the workers will say so
+            pass
     try:
         with open("/proc/meminfo") as f:
             info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
     except OSError:
         pass
     return info
+
+
+def blocks_text(blocks: list[int]) -> str:
+    """0, 3, …, 27 for an arithmetic run of block indices."""
+    if len(blocks) > 3 and all(b - a == blocks[1] - blocks[0] for a, b in zip(blocks, blocks[1:])):
+        return f"{blocks[0]}, {blocks[1]}, …, {blocks[-1]}"
+    return ", ".join(map(str, blocks))
 
 
 def fmt(value: Any, spec: str = ".3g", none: str = "–") -> str:

@@ -79,6 +79,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker-timeout", type=int, default=3600)
     p.add_argument("--output-dir", default=os.path.join(harness.HERE, "results"))
     p.add_argument("--name", default="trainer_memory")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: peaks are torch.cuda.max_memory_allocated (reset when the first step begins)")
+    p.add_argument("--shape", choices=("smollm2", "llama7b"), default="smollm2",
+                   help="llama7b: a randomly initialised LLaMA-2-7B-shaped model (hidden 4096, MLP 11008, 32 heads, "
+                        "vocabulary 32000) with --layers blocks")
+    p.add_argument("--layers", type=int, default=32, help="blocks of the llama7b shape")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--memory-limit-gib", type=float, default=None,
+                   help="cuda: cap the process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 24")
+    p.add_argument("--gram-precision", choices=("fp32", "bf16"), default="fp32", help="calibration arithmetic")
     p.add_argument("--time-only", action="store_true",
                    help="step times without the pinned mmap threshold (it makes every large allocation a fresh "
                         "mapping, which slows allocation-heavy steps); peaks are then not comparable")
@@ -103,18 +113,45 @@ def _load_model(args):
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(args.seed)
-    if args.quick:
+    if args.device == "cuda" and args.memory_limit_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gib * 2**30 / total))
+    if args.quick or args.shape == "llama7b":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, pad_token_id=0)
-        return LlamaForCausalLM(config).to(dtype), "tiny random LLaMA (hidden 64, MLP 160, 4 blocks)"
+        if args.quick:
+            config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, pad_token_id=0)
+            desc = "tiny random LLaMA (hidden 64, MLP 160, 4 blocks)"
+        else:
+            config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
+                                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                 max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0)
+            desc = f"random LLaMA-2-7B-shaped model ({args.layers} blocks, hidden 4096, MLP 11008)"
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # initialise directly in the weights' dtype, on the device
+        try:
+            with torch.device(args.device):
+                model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default)
+        return model, desc
     from transformers import AutoModelForCausalLM
 
     from peft_sparsegrad.models import smollm2_path
 
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=dtype).to(args.device)
     return model, "SmolLM2-135M-Instruct (30 blocks, hidden 576, MLP 1536)"
+
+
+def _memory(args):
+    """(current bytes, peak bytes since the last reset, reset) of the measured device."""
+    import torch
+
+    if args.device == "cuda":
+        return (torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated(), torch.cuda.reset_peak_memory_stats)
+    rss, hwm = harness.rss_mib(), harness.hwm_mib()
+    return (None if rss is None else rss * harness.MIB, None if hwm is None else hwm * harness.MIB, harness.reset_hwm)
 
 
 def _batches(model, n: int, args) -> list[dict]:
@@ -129,44 +166,51 @@ class _Probe:
     """Trainer callback (built lazily, transformers imported in the worker): the peak window and step times."""
 
     @staticmethod
-    def make():
+    def make(args):
         from transformers import TrainerCallback
 
         class Probe(TrainerCallback):
             def __init__(self):
-                self.times, self.start, self.rss_before, self.hwm_ok, self.peak = [], None, None, False, None
+                self.times, self.start, self.before, self.reset_ok, self.peak = [], None, None, False, None
 
-            def on_step_begin(self, args, state, control, **kwargs):
+            def on_step_begin(self, args_, state, control, **kwargs):
                 if state.global_step == 0:
                     gc.collect()
-                    self.rss_before = harness.rss_mib()
-                    self.hwm_ok = harness.reset_hwm()
+                    current, _, reset = _memory(args)
+                    self.before = current
+                    self.reset_ok = reset() is not False
                 self.start = time.perf_counter()
 
-            def on_step_end(self, args, state, control, **kwargs):
+            def on_step_end(self, args_, state, control, **kwargs):
+                if args.device == "cuda":
+                    import torch
+
+                    torch.cuda.synchronize()
                 self.times.append(time.perf_counter() - self.start)
-                self.peak = harness.hwm_mib() if self.hwm_ok else None
+                self.peak = _memory(args)[1] if self.reset_ok else None
 
         return Probe()
 
 
 def _calibrate(args) -> dict:
     """The bases every SparseGrad worker shares (``--bases-file``), from ``--calibration-steps`` synthetic batches."""
-    import torch
-
     import peft_sparsegrad
     from peft_sparsegrad import SparseGradConfig
 
     model, _ = _load_model(args)
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = list(range(0, model.config.num_hidden_layers, args.blocks_every))
-    data = _batches(model, args.calibration_steps, args)
-    loader = [{k: v.unsqueeze(0) for k, v in b.items()} for b in data]
+    import torch
+
+    rows = _batches(model, args.calibration_steps * args.batch_size, args)
+    loader = [{key: torch.stack([r[key] for r in rows[i:i + args.batch_size]]).to(args.device) for key in rows[0]}
+              for i in range(0, len(rows), args.batch_size)]
     config = SparseGradConfig(target_modules=list(TARGETS), layers_to_transform=layers,
-                              calibration_steps=args.calibration_steps)
+                              calibration_steps=args.calibration_steps, gram_precision=args.gram_precision)
     t0 = time.perf_counter()
     bases = peft_sparsegrad.calibrate(model, config, loader, progress=False)
     peft_sparsegrad.save_bases(bases, args.bases_file)
-    del torch
     return {"calibration_s": time.perf_counter() - t0}
 
 
@@ -175,7 +219,6 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     # every library any method needs, imported before the baseline
-    import datasets
     import peft
     import transformers
 
@@ -194,8 +237,7 @@ def worker(args) -> dict:
     adapted = sum(w.numel() for w in weights.values())
     for p in model.parameters():
         p.requires_grad_(False)
-    data = datasets.Dataset.from_list([{k: v.tolist() for k, v in b.items()}
-                                       for b in _batches(model, (args.warmup + args.steps) * args.batch_size, args)])
+    data = _batches(model, (args.warmup + args.steps) * args.batch_size, args)
     extra_args: dict[str, Any] = {}
     callbacks: list = []
     info: dict[str, Any] = {}
@@ -224,19 +266,30 @@ def worker(args) -> dict:
         callbacks.append(callback)
         info["config"] = {k: getattr(config, k) for k in ("selection", "refresh_interval", "max_support", "rounding",
                                                           "sparse_optimizer", "bases_dtype")}
-    probe = _Probe.make()
+    probe = _Probe.make(args)
     out_dir = tempfile.mkdtemp(prefix="trainer_memory_")
     training = transformers.TrainingArguments(
         output_dir=out_dir, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch_size,
         learning_rate=1e-4, lr_scheduler_type="constant", max_grad_norm=1.0, gradient_accumulation_steps=1,
-        logging_strategy="no", save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-        dataloader_num_workers=0, seed=args.seed, **extra_args)
+        logging_strategy="no", save_strategy="no", report_to=[], use_cpu=args.device == "cpu", disable_tqdm=True,
+        dataloader_num_workers=0, seed=args.seed, gradient_checkpointing=args.activation_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if args.activation_checkpointing else None,
+        **extra_args)
     trainer = transformers.Trainer(model=model, args=training, train_dataset=data, callbacks=[probe, *callbacks])
-    trainer.train()
+    out_of_memory = None
+    try:
+        trainer.train()
+    except torch.OutOfMemoryError as exc:  # the answer to "does it fit?" for a capped GPU
+        out_of_memory = str(exc).split("\n")[0][:300]
+        probe.peak = _memory(args)[1]
     result = {"method": method, "model": desc, "adapted_weights": adapted, "adapted_layers": len(weights),
-              "blocks": layers, "peak_rss_mib": probe.peak, "rss_at_first_step_mib": probe.rss_before,
-              "hwm_reset_supported": probe.hwm_ok, "step_times_s": probe.times,
-              "step_time_s": statistics.median(probe.times[args.warmup:]), **info}
+              "blocks": layers, "device": args.device, "peak_rss_mib": None if probe.peak is None
+              else probe.peak / harness.MIB, "rss_at_first_step_mib": None if probe.before is None
+              else probe.before / harness.MIB, "hwm_reset_supported": probe.reset_ok, "step_times_s": probe.times,
+              "step_time_s": statistics.median(probe.times[args.warmup:]) if len(probe.times) > args.warmup
+              else None, "out_of_memory": out_of_memory, **info}
+    if out_of_memory:
+        return result
     if callbacks:
         from peft_sparsegrad.layer import SparseGradLayer
 
@@ -245,7 +298,7 @@ def worker(args) -> dict:
         result["support_over_k"] = (sum(m.sparsegrad_delta["default"].nnz for m in sparse)
                                     / sum(m.sparsegrad_k["default"] for m in sparse))
         result["state_bytes"] = _state_bytes(trainer.optimizer, sparse)
-    if method in ("lora", *[m for m in METHODS if METHODS[m]]):
+    if method in ("lora", *[m for m in METHODS if METHODS[m]]) and args.shape != "llama7b":
         model.save_pretrained(os.path.join(out_dir, "adapter"))
         result["adapter_file_bytes"] = os.path.getsize(os.path.join(out_dir, "adapter",
                                                                     "adapter_model.safetensors"))
@@ -289,9 +342,12 @@ def _cmd(args, job: str, out: str) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", job, "--worker-output", out,
            "--bases-file", args.bases_file]
     for key in ("dtype", "batch_size", "seq_len", "warmup", "steps", "blocks_every", "keep_ratio", "lora_rank",
-                "galore_rank", "calibration_steps", "threads", "seed"):
+                "galore_rank", "calibration_steps", "threads", "seed", "device", "shape", "layers", "gram_precision"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    return cmd + (["--quick"] if args.quick else [])
+    if args.memory_limit_gib:
+        cmd += ["--memory-limit-gib", str(args.memory_limit_gib)]
+    return cmd + (["--quick"] if args.quick else []) + (["--activation-checkpointing"]
+                                                         if args.activation_checkpointing else [])
 
 
 def summarize(runs: dict[str, dict]) -> dict[str, dict]:
@@ -301,8 +357,9 @@ def summarize(runs: dict[str, dict]) -> dict[str, dict]:
         if "error" in r or r.get("peak_rss_mib") is None:
             continue
         w = r["adapted_weights"]
-        row = {"peak_over_first_step_b_per_w": (r["peak_rss_mib"] - r["rss_at_first_step_mib"]) * harness.MIB / w,
-               "step_time_s": r["step_time_s"]}
+        row = {"peak_gib": r["peak_rss_mib"] / 1024, "out_of_memory": bool(r.get("out_of_memory")),
+               "peak_over_first_step_b_per_w": (r["peak_rss_mib"] - r["rss_at_first_step_mib"]) * harness.MIB / w
+               if r.get("rss_at_first_step_mib") is not None else None, "step_time_s": r["step_time_s"]}
         if lora is not None:
             row["peak_over_lora_b_per_w"] = (r["peak_rss_mib"] - lora) * harness.MIB / w
         if "state_bytes" in r:
@@ -310,7 +367,7 @@ def summarize(runs: dict[str, dict]) -> dict[str, dict]:
         if "adapter_file_bytes" in r:
             row["adapter_b_per_w"] = r["adapter_file_bytes"] / w
         full = runs.get("full", {}).get("step_time_s")
-        if full:
+        if full and r["step_time_s"]:
             row["time_over_full"] = r["step_time_s"] / full
         table[name] = row
     return table
@@ -319,23 +376,29 @@ def summarize(runs: dict[str, dict]) -> dict[str, dict]:
 def markdown(result: dict) -> str:
     a, table = result["args"], result["table"]
     first = next(iter(r for r in result["runs"].values() if "adapted_weights" in r), {})
-    lines = [f"# Peak memory of a Trainer step ({a['dtype']})", "", "Generated by `benchmarks/trainer_memory.py`:", "",
-             f"    {result['command']}", "",
-             f"{first.get('model', '?')}, up_proj/down_proj of blocks {first.get('blocks')}: "
+    cuda = a["device"] == "cuda"
+    measure = ("torch.cuda.max_memory_allocated over all steps (reset when the first begins)" if cuda else
+               "kernel RSS high-water mark over all steps (reset when the first begins), workers with "
+               "MALLOC_MMAP_THRESHOLD_=65536" + ("" if not a.get("time_only") else " — not here: --time-only"))
+    limit = f", GPU memory capped at {a['memory_limit_gib']:g} GiB" if a.get("memory_limit_gib") else ""
+    lines = [f"# Peak memory of a Trainer step ({a['dtype']}, {a['device']})", "",
+             "Generated by `benchmarks/trainer_memory.py`:", "", f"    {result['command']}", "",
+             f"{first.get('model', '?')}, up_proj/down_proj of blocks {harness.blocks_text(first.get('blocks', []))}: "
              f"{first.get('adapted_weights', 0):,} adapted weights; batch {a['batch_size']} × {a['seq_len']}, "
-             f"{a['warmup']} + {a['steps']} steps, {a['threads']} torch threads, "
-             f"machine: {result['machine']['cpu']} (git {result['machine']['git_commit']}). Peak = kernel RSS "
-             "high-water mark over all steps (reset when the first begins), workers with MALLOC_MMAP_THRESHOLD_=65536."
-             " B/w = bytes per adapted weight.", "",
-             "| method | peak − LoRA's peak (B/w) | peak − RSS at step 1 (B/w) | state (B/w) | adapter file (B/w) "
-             "| step time (s) | × full FT | path |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{a['warmup']} + {a['steps']} steps"
+             f"{', activation checkpointing' if a.get('activation_checkpointing') else ''}{limit}; "
+             f"{result['machine'].get('gpu') or result['machine']['cpu']} (git {result['machine']['git_commit']}). "
+             f"Peak = {measure}. B/w = bytes per adapted weight.", "",
+             "| method | peak (GiB) | peak − LoRA's peak (B/w) | peak − memory at step 1 (B/w) | state (B/w) | "
+             "adapter file (B/w) | step time (s) | × full FT | path |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, row in table.items():
         run = result["runs"][name]
-        lines.append(f"| {name} | {harness.fmt(row.get('peak_over_lora_b_per_w'), '.2f')} | "
+        peak = f"{row['peak_gib']:.2f}" + (" (out of memory)" if row["out_of_memory"] else "")
+        lines.append(f"| {name} | {peak} | {harness.fmt(row.get('peak_over_lora_b_per_w'), '.2f')} | "
                      f"{harness.fmt(row['peak_over_first_step_b_per_w'], '.2f')} | "
                      f"{harness.fmt(row.get('state_b_per_w'), '.2f')} | {harness.fmt(row.get('adapter_b_per_w'), '.2f')}"
-                     f" | {row['step_time_s']:.3f} | {harness.fmt(row.get('time_over_full'), '.2f')} | "
+                     f" | {harness.fmt(row['step_time_s'], '.3f')} | {harness.fmt(row.get('time_over_full'), '.2f')} | "
                      f"{run.get('path', '')} |")
     failed = {n: r["error"] for n, r in result["runs"].items() if "error" in r}
     if failed:
@@ -366,7 +429,8 @@ def main(argv=None) -> None:
     calibration = runs.pop("calibration", None)
     result = {"command": harness.command_line(__file__, argv), "args": {k: v for k, v in vars(args).items()
                                                                         if not k.startswith("worker")},
-              "machine": harness.machine_info(threads=args.threads), "calibration": calibration, "runs": runs,
+              "machine": harness.machine_info(args.device, threads=args.threads), "calibration": calibration,
+              "runs": runs,
               "table": summarize(runs)}
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, args.name)

@@ -299,6 +299,8 @@ class BasisPair:
                 mat1, mat2 = rows_of(self.U_out.T, rows, r0, r1).float(), fixed  # U_out[:, R_chunk]ᵀ
             else:
                 mat1, mat2 = (rows_of(self.U_out.T, rows, r0, r1).to(dtype) @ g).float(), fixed  # U_out[:, R_c]ᵀ G
+            if grad.device.type != "cpu":
+                mat2 = mat2.contiguous()  # the layout trick is for the CPU kernel; cuSPARSE takes row-major
             out[a:b] = torch.sparse.sampled_addmm(pattern, mat1, mat2, beta=0.0).values()
         return out
 
