@@ -21,6 +21,7 @@ from .layer import SparseGradLayer, SparseGradLinear
 from .model import SparseGradModel
 from .optim import SparseGradOptimizer, SparseState, create_sparsegrad_optimizer, sparse_step
 from .callback import SparseGradCallback
+from .distributed import exclude_from_ddp, include_in_ddp
 from .models import smollm2_path
 
 register_sparsegrad(SparseGradConfig, SparseGradModel)
@@ -40,6 +41,8 @@ __all__ = [
     "SparseState",
     "SparseGradCallback",
     "create_sparsegrad_optimizer",
+    "exclude_from_ddp",
+    "include_in_ddp",
     "sparse_step",
     "calibrate",
     "load_bases",

@@ -34,12 +34,21 @@ from typing import Any, Optional
 import torch
 from transformers import TrainerCallback
 
-from .fused import StepInBackward, fused_unavailable_reason
+from .distributed import adapted_weight_names, exclude_from_ddp
+from .fused import StepInBackward, distributed_world_size, fused_unavailable_reason
 from .layer import OWNER_ATTR, ROUTED_ATTR
 from .optim import SparseGradOptimizer, sparsegrad_parameters
 from .update import SPARSE_MODES, apply_update, sparse_update
 
 logger = logging.getLogger("peft_sparsegrad")
+
+
+def _trainer_sync_flag() -> bool:
+    """Whether the running backward ends the Trainer's accumulation window (it sets accelerate's GradientState
+    before each micro-batch, also for a shortened last window of an epoch)."""
+    from accelerate.state import GradientState
+
+    return GradientState().sync_gradients
 
 
 def _unwrap(optimizer: Any) -> Any:
@@ -82,6 +91,13 @@ class SparseGradCallback(TrainerCallback):
         self._stats: list[torch.Tensor] = []
         self._layers: list[tuple[Any, int]] = []  # (layer, k) of every adapted weight, for the support statistic
 
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # Data parallel: the Trainer wraps the model in DDP when training starts, after this; taking the adapted weights
+        # out of DDP's buckets now lets the step inside backward reduce them (k values between refreshes)
+        if (self.step_in_backward and model is not None and distributed_world_size() > 1
+                and not getattr(args, "fp16", False) and adapted_weight_names(model)):
+            exclude_from_ddp(model)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         calibrate_pending = getattr(getattr(model, "base_model", None), "calibrate_pending", None)
         if calibrate_pending is not None:
@@ -114,11 +130,13 @@ class SparseGradCallback(TrainerCallback):
         self._choose_path(args, model, inner)
 
     def _choose_path(self, args, model, inner) -> None:
+        params = [param for param, _, _ in self._routes]
         reason = "step_in_backward=False" if not self.step_in_backward else fused_unavailable_reason(
-            fp16_scaler=bool(getattr(args, "fp16", False)))
+            params, fp16_scaler=bool(getattr(args, "fp16", False)))
         if reason is None:
             routes = [(param, k, (lambda p=param: inner.state[p])) for param, k, _ in self._routes]
-            self._fused = StepInBackward(model, routes, max(1, int(args.gradient_accumulation_steps))).install()
+            self._fused = StepInBackward(model, routes, max(1, int(args.gradient_accumulation_steps)),
+                                         sync_gradients=_trainer_sync_flag).install()
             self.path = "step-in-backward"
             logger.info("SparseGradCallback: rotation and top-k of %d adapted weights run inside backward",
                         len(self._routes))
@@ -158,6 +176,8 @@ class SparseGradCallback(TrainerCallback):
                 apply_update(layer, adapter, pending, inner.state[param], scale=scale, **options)
                 kept_energy, overlap = pending.kept_energy, pending.overlap
             else:  # the dense path (or a window that ended before the accumulation count)
+                if fused is not None:
+                    fused.reduce_dense(param)  # excluded from DDP: average over the ranks first
                 kept_energy, overlap, _ = sparse_update(layer, adapter, param.grad, inner.state[param], k=k,
                                                         inplace=True, **options)
                 param.grad = None  # the Trainer's optimizer skips parameters without a gradient

@@ -38,7 +38,7 @@ from torch import nn
 
 from .delta import SparseDelta
 from .rotation import BasisPair, block_rows
-from .rounding import add_to_half_
+from .rounding import add_to_half_, mix_seed
 from .targets import base_weight_as_out_in, is_conv1d, weight_shape
 
 ROUTING_ERROR = (
@@ -78,6 +78,8 @@ class SparseGradLayer(BaseTunerLayer):
         self._residual: Optional[torch.Tensor] = None  # low part of W (rounding="compensated", half precision)
         self._routing_hook = None
         self.sparsegrad_support_cache: dict[str, Any] = {}  # adapter -> periodic Support (its block pattern)
+        #: a number from the module's name (set by the tuner): part of the seed of its stochastic rounding
+        self.sparsegrad_rounding_key: int = 0
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         base = self.get_base_layer()
@@ -206,13 +208,15 @@ class SparseGradLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def apply_change(self, adapter_name: str, flat: torch.Tensor, change: torch.Tensor,
-                     positions: Optional[torch.Tensor] = None, support: Optional[Any] = None) -> None:
+                     positions: Optional[torch.Tensor] = None, support: Optional[Any] = None,
+                     rounding_seed: Optional[int] = None) -> None:
         """ΔW'[flat] += change (flat: sorted int64 indices already in the support, at ``positions`` of it if known)
         and W += U_out δ U_inᵀ (``support``: δ is on this periodic Support, in its order).
 
         What every optimizer update ends with: δ is sparse (k entries, or the support), so U_out δ U_inᵀ touches only
         the rows/columns of U that δ occupies, and it reaches W in blocks (``BasisPair.unrotated_blocks``), rounded
-        as ``rounding`` says; with U = I (MeProp) only those entries of W change.
+        as ``rounding`` says (``rounding_seed``: the seed of this step's stochastic rounding); with U = I (MeProp)
+        only those entries of W change.
         """
         delta = self.delta(adapter_name)
         delta.values.index_add_(0, delta.positions(flat) if positions is None else positions, change.float())
@@ -220,10 +224,11 @@ class SparseGradLayer(BaseTunerLayer):
             pair = self.pair(adapter_name)
             mode = self._update_mode(training=True)
             if pair.is_identity:
-                self._add_sparse_to_weight(flat, change.float(), mode)
+                self._add_sparse_to_weight(flat, change.float(), mode, rounding_seed)
             else:
                 self._add_blocks_to_weight(pair.unrotated_blocks(flat, change, (self.out_features, self.in_features),
-                                                                 self.compute_dtype(), support=support), mode)
+                                                                 self.compute_dtype(), support=support), mode,
+                                           rounding_seed)
 
     @torch.no_grad()
     def set_delta(self, adapter_name: str, new: SparseDelta) -> None:
@@ -270,16 +275,18 @@ class SparseGradLayer(BaseTunerLayer):
         return w if self._residual is None else w.add_(self._residual)  # promotes in the kernel: no temporary
 
     @torch.no_grad()
-    def _add_blocks_to_weight(self, blocks, mode: Optional[str]) -> None:
-        """W[index] += block for every (index, block) of ``blocks`` (blocks of one change of W, out × in layout)."""
+    def _add_blocks_to_weight(self, blocks, mode: Optional[str], seed: Optional[int] = None) -> None:
+        """W[index] += block for every (index, block) of ``blocks`` (blocks of one change of W, out × in layout);
+        block i of a stochastically rounded change draws from ``mix_seed(seed, i)``."""
         w = self._weight_out_in()
         if mode == "compensated" and self._residual is None:
             self._residual = torch.zeros_like(w)  # same strides as W's view: its storage is laid out like W's
-        for index, block in blocks:
+        for i, (index, block) in enumerate(blocks):
             if mode is None:
                 w[index].add_(block)
             else:
-                add_to_half_(w[index], block, mode, None if self._residual is None else self._residual[index])
+                add_to_half_(w[index], block, mode, None if self._residual is None else self._residual[index],
+                             None if seed is None else mix_seed(seed, i))
 
     @torch.no_grad()
     def _add_dense_to_weight(self, change: torch.Tensor, training: bool = False) -> None:
@@ -290,7 +297,8 @@ class SparseGradLayer(BaseTunerLayer):
         self._add_blocks_to_weight((((r, slice(None)), change[r]) for r in rows), self._update_mode(training))
 
     @torch.no_grad()
-    def _add_sparse_to_weight(self, flat: torch.Tensor, change: torch.Tensor, mode: Optional[str]) -> None:
+    def _add_sparse_to_weight(self, flat: torch.Tensor, change: torch.Tensor, mode: Optional[str],
+                              seed: Optional[int] = None) -> None:
         """MeProp: δ is in the original basis, only entries ``flat`` of W change."""
         flat = flat.long()
         w = self._weight_out_in()
@@ -308,7 +316,7 @@ class SparseGradLayer(BaseTunerLayer):
         if self._residual is not None:
             residual_flat = self._residual.T.reshape(-1) if self.is_conv1d else self._residual.view(-1)  # views
             residual = residual_flat.index_select(0, flat)
-        add_to_half_(w_sel, change, mode, residual)
+        add_to_half_(w_sel, change, mode, residual, seed)
         storage.index_copy_(0, flat, w_sel)
         if residual is not None:
             residual_flat.index_copy_(0, flat, residual)

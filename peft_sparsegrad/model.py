@@ -11,6 +11,7 @@ identity/MeProp).
 from __future__ import annotations
 
 import contextlib
+import zlib
 from typing import Optional
 
 import torch
@@ -142,6 +143,7 @@ class SparseGradModel(BaseTuner):
             target.update_layer(adapter_name, *args, **options)
             return
         new_module = SparseGradLinear(target, adapter_name, *args, **options)
+        new_module.sparsegrad_rounding_key = zlib.crc32(current_key.encode())  # same on every rank and run
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter is not trainable
         self._replace_module(parent, target_name, new_module, target)

@@ -177,14 +177,15 @@ class SparseGradOptimizer(torch.optim.Optimizer):
         """Run the rotation and top-k of every adapted weight inside backward (``peft_sparsegrad.fused``).
 
         ``model``: the model whose parameters clipping iterates (the norm carrier is registered on it);
-        ``accumulation_steps``: backward passes per ``step()``. Raises ValueError where it cannot run (DDP: the
-        hooks would see the rank's own gradient before the all-reduce)."""
-        reason = fused_unavailable_reason()
-        if reason is not None:
-            raise ValueError(f"step_in_backward=True is not available here: {reason}. Use the dense path "
-                             "(step_in_backward=False).")
+        ``accumulation_steps``: backward passes per ``step()``. Under DDP, call ``peft_sparsegrad.exclude_from_ddp``
+        before wrapping the model: then this optimizer reduces the adapted weights itself (ValueError otherwise, as
+        the hooks would see the rank's own gradient before DDP's all-reduce)."""
         routes = [(g["params"][0], g["sparsegrad_k"], self._state_getter(g["params"][0]))
                   for g in self.param_groups if "sparsegrad_k" in g]
+        reason = fused_unavailable_reason([p for p, _, _ in routes])
+        if reason is not None:
+            raise ValueError(f"step_in_backward=True is not available here: {reason}. Or use the dense path "
+                             "(step_in_backward=False).")
         self.disable_step_in_backward()
         self._fused = StepInBackward(model, routes, accumulation_steps).install()
 
@@ -244,6 +245,8 @@ class SparseGradOptimizer(torch.optim.Optimizer):
                     sup = apply_update(layer, adapter, pending, self.state[p], scale=scale, **options)
                     ke, ov = pending.kept_energy, pending.overlap
                 else:
+                    if fused is not None:
+                        fused.reduce_dense(p)  # excluded from DDP: average over the ranks first
                     ke, ov, sup = sparse_update(layer, adapter, p.grad, self.state[p], k=group["sparsegrad_k"],
                                                 **options)
                 energies.append(ke.float())

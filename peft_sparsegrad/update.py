@@ -52,6 +52,7 @@ import torch
 
 from .layer import SparseGradLayer
 from .rotation import Support
+from .rounding import mix_seed
 
 SPARSE_MODES = ("adamw", "sparse_adam", "sgd")
 STATE_KEY = "sparsegrad"
@@ -88,6 +89,7 @@ class SparseState:
     indices: Optional[torch.Tensor] = None
     prev_selected: Optional[torch.Tensor] = None  # int32 flat, the last selection (for the overlap statistic)
     selected_at: int = -1  # periodic: the step count when S was selected
+    seed: Optional[int] = None  # of stochastic rounding: torch's initial seed when this state was created
 
     def to(self, device: torch.device) -> "SparseState":
         for name in ("exp_avg", "exp_avg_sq", "indices", "prev_selected"):
@@ -266,16 +268,17 @@ def apply_update(layer: SparseGradLayer, adapter: str, sparse: SparseGradient, s
     check_update(mode, refresh_interval, state)
     st = state.get(STATE_KEY)
     if st is None:
-        st = state[STATE_KEY] = SparseState(mode)
+        st = state[STATE_KEY] = SparseState(mode, seed=torch.initial_seed())
     delta = layer.delta(adapter)
     device = delta.device
     st.to(device)
     t = int(state.get("step", 0)) + 1
     state["step"] = torch.tensor(float(t))  # where torch's Adam(W) keeps it (the Trainer's optimizer may hold this)
+    seed = mix_seed(st.seed if st.seed is not None else 0, layer.sparsegrad_rounding_key, t)  # stochastic rounding
     g_sel = sparse.values if scale is None else sparse.values * scale.to(sparse.values.device)
     if refresh_interval > 0:
         return _periodic_update(layer, adapter, sparse, g_sel, st, t, lr=lr, mode=mode, betas=betas, eps=eps,
-                                weight_decay=weight_decay)
+                                weight_decay=weight_decay, seed=seed)
     sel = sparse.flat
     st.prev_selected = sel.to(torch.int32)
 
@@ -285,7 +288,7 @@ def apply_update(layer: SparseGradLayer, adapter: str, sparse: SparseGradient, s
         pos = delta.positions(sel)
         p_old = delta.values.index_select(0, pos)
         d_p = g_sel.add(p_old, alpha=weight_decay) if weight_decay != 0 else g_sel
-        layer.apply_change(adapter, sel, d_p.mul(-lr), positions=pos)
+        layer.apply_change(adapter, sel, d_p.mul(-lr), positions=pos, rounding_seed=seed)
         return 0
 
     if st.exp_avg is not None:
@@ -321,7 +324,7 @@ def apply_update(layer: SparseGradLayer, adapter: str, sparse: SparseGradient, s
         if weight_decay != 0:
             p_new.mul_(1 - lr * weight_decay)
         p_new.add_(-step_size * numer.div_(denom))
-        layer.apply_change(adapter, sel, p_new.sub_(p_old), positions=pos)
+        layer.apply_change(adapter, sel, p_new.sub_(p_old), positions=pos, rounding_seed=seed)
         return delta.nnz
 
     # "adamw": AdamW on the whole support, g = 0 off sel
@@ -329,13 +332,14 @@ def apply_update(layer: SparseGradLayer, adapter: str, sparse: SparseGradient, s
     p_new = delta.values.clone()
     adamw_update(p_new, g_support, m, v, t, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     change = p_new.sub_(delta.values)
-    layer.apply_change(adapter, delta.flat, change, positions=torch.arange(delta.nnz, device=device))
+    layer.apply_change(adapter, delta.flat, change, positions=torch.arange(delta.nnz, device=device),
+                       rounding_seed=seed)
     return delta.nnz
 
 
 def _periodic_update(layer: SparseGradLayer, adapter: str, sparse: SparseGradient, g_sel: torch.Tensor,
                      st: SparseState, t: int, *, lr: float, mode: str, betas: tuple[float, float], eps: float,
-                     weight_decay: float) -> int:
+                     weight_decay: float, seed: Optional[int] = None) -> int:
     """``selection="periodic"``: "adamw" = torch.optim.AdamW on the k-vector ΔW'[S] (moments of length k); at a
     refresh, entries that stay in S keep their moments, new ones start at 0, and entries that leave S keep their
     value in ΔW' but stop moving. "sgd": ΔW'[S] -= lr (g[S] + wd ΔW'[S])."""
@@ -372,7 +376,7 @@ def _periodic_update(layer: SparseGradLayer, adapter: str, sparse: SparseGradien
         adamw_update(p_new, g_sel, st.exp_avg, st.exp_avg_sq, t, lr=lr, betas=betas, eps=eps,
                       weight_decay=weight_decay)
         change = p_new.sub_(p_old)
-    layer.apply_change(adapter, idx, change, positions=pos, support=support)
+    layer.apply_change(adapter, idx, change, positions=pos, support=support, rounding_seed=seed)
     return idx.numel()
 
 
