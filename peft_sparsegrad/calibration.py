@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bases import GramAccumulator, SparseGradBases, tensorly_hosvd
+from .sharded import is_sharded
 from .targets import assign_layer_types, find_target_modules, is_conv1d, resolve_default_targets, weight_shape
 
 
@@ -87,12 +88,17 @@ def collect_bases(
                     for t, names in members.items() if method != "tensorly"}  # tensorly stacks the gradients
     stacks: dict[str, list[torch.Tensor]] = {t: [] for t in members}
     non_finite: list[str] = []
+    sharded: list[str] = []
 
     def make_hook(name: str):
         layer_type = layer_types[name]
 
         def hook(param: torch.Tensor) -> None:
-            grad = param.grad.T if transposed[name] else param.grad  # G: out × in
+            grad = param.grad
+            if is_sharded(grad):  # FSDP2: the rows of the averaged gradient; gather the whole (transient, one layer)
+                sharded.append(name)
+                grad = grad.full_tensor()
+            grad = grad.T if transposed[name] else grad  # G: out × in
             if not torch.isfinite(grad).all():
                 non_finite.append(name)
             elif method == "tensorly":
@@ -146,7 +152,8 @@ def collect_bases(
         if method == "tensorly":
             pairs[layer_type], eigenvalues[layer_type] = tensorly_hosvd(stacks[layer_type])
             continue
-        accumulators[layer_type].all_reduce()
+        if not sharded:  # sharded weights gathered the averaged gradient: every rank summed the same already
+            accumulators[layer_type].all_reduce()
         pairs[layer_type], eigenvalues[layer_type] = accumulators[layer_type].bases()
         del accumulators[layer_type]  # free this type's Gram matrices before the next decomposition
     return SparseGradBases(pairs, members, eigenvalues)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .layer import CALIBRATING_ATTR, SparseGradLayer
+from .sharded import is_sharded
 from .update import SparseGradient, accumulate, fixed_support, gradient_of
 
 logger = logging.getLogger("peft_sparsegrad")
@@ -77,7 +78,8 @@ class StepInBackward:
         self.sync_gradients = sync_gradients
         self._routes = {id(p): _Route(p, getattr(p, "sparsegrad_owner"), k, state) for p, k, state in routes}
         self.world_size = distributed_world_size()
-        self.reducing = self.world_size > 1
+        self.sharded = all(is_sharded(r.param) for r in self._routes.values())  # FSDP2: gradient_of reduces
+        self.reducing = self.world_size > 1 and not self.sharded
         if self.reducing and not all(getattr(r.param, "_ddp_ignored", False) for r in self._routes.values()):
             raise ValueError(
                 "The step inside backward under data parallelism needs the adapted weights out of DDP's gradient "
@@ -259,6 +261,11 @@ def dist_all_reduce(tensor: torch.Tensor) -> Any:
 
 def fused_unavailable_reason(params: list[torch.Tensor] = (), fp16_scaler: bool = False) -> Optional[str]:
     """Why the step cannot run inside backward here (None: it can)."""
+    params = list(params)
+    if params and all(is_sharded(p) for p in params):
+        return None  # FSDP2: the gradient half reduces the sharded partial products itself
+    if any(is_sharded(p) for p in params):
+        return "some adapted weights are sharded (FSDP2) and others are not: shard all of them or none"
     if distributed_world_size() > 1 and not all(getattr(p, "_ddp_ignored", False) for p in params):
         return ("DDP all-reduces the adapted weights' gradients itself (call peft_sparsegrad.exclude_from_ddp(model) "
                 "before wrapping; SparseGradCallback does it when it is given to the Trainer)")

@@ -39,6 +39,7 @@ from torch import nn
 from .delta import SparseDelta
 from .rotation import BasisPair, block_rows
 from .rounding import add_to_half_, mix_seed
+from .sharded import is_sharded, local, local_rows
 from .targets import base_weight_as_out_in, is_conv1d, weight_shape
 
 ROUTING_ERROR = (
@@ -227,8 +228,8 @@ class SparseGradLayer(BaseTunerLayer):
                 self._add_sparse_to_weight(flat, change.float(), mode, rounding_seed)
             else:
                 self._add_blocks_to_weight(pair.unrotated_blocks(flat, change, (self.out_features, self.in_features),
-                                                                 self.compute_dtype(), support=support), mode,
-                                           rounding_seed)
+                                                                 self.compute_dtype(), support=support,
+                                                                 rows=self._local_rows()), mode, rounding_seed)
 
     @torch.no_grad()
     def set_delta(self, adapter_name: str, new: SparseDelta) -> None:
@@ -244,7 +245,13 @@ class SparseGradLayer(BaseTunerLayer):
     # ---- the base weight ------------------------------------------------------------------------------------------
 
     def _weight_out_in(self) -> torch.Tensor:
-        return base_weight_as_out_in(self.get_base_layer())
+        """W (out × in); for a weight sharded by FSDP2, the rows this rank holds (a view of the local shard)."""
+        return local(base_weight_as_out_in(self.get_base_layer()))
+
+    def _local_rows(self) -> Optional[tuple[int, int]]:
+        """(first, end) rows of W this rank holds under FSDP2, None for a whole W."""
+        weight = self.get_base_layer().weight
+        return local_rows(weight) if is_sharded(weight) else None
 
     def _is_half(self) -> bool:
         return self.get_base_layer().weight.dtype in (torch.float16, torch.bfloat16)
@@ -291,6 +298,9 @@ class SparseGradLayer(BaseTunerLayer):
     @torch.no_grad()
     def _add_dense_to_weight(self, change: torch.Tensor, training: bool = False) -> None:
         """W += change (out × in, float32 or the compute dtype), in row blocks whose float32 temporaries stay small."""
+        rows = self._local_rows()
+        if rows is not None:  # sharded: this rank's rows of the change
+            change = change[rows[0]:rows[1]]
         w = self._weight_out_in()
         step = block_rows(w.shape[0], w.shape[1], w.device)
         rows = (slice(r, r + step) for r in range(0, w.shape[0], step))
@@ -305,7 +315,11 @@ class SparseGradLayer(BaseTunerLayer):
         if self.is_conv1d:  # storage is in × out: entry (r, c) of W sits at c · out + r
             rows, cols = flat.div(self.in_features, rounding_mode="floor"), flat.remainder(self.in_features)
             flat = cols * self.out_features + rows
-        storage = self.get_base_layer().weight.view(-1)
+        shard = self._local_rows()
+        if shard is not None:  # sharded rows first:end: the entries there, indexed in the local shard
+            mine = (flat >= shard[0] * self.in_features) & (flat < shard[1] * self.in_features)
+            flat, change = flat[mine] - shard[0] * self.in_features, change[mine]
+        storage = local(self.get_base_layer().weight).view(-1)
         if mode is None:
             storage.index_add_(0, flat, change.to(storage.dtype))
             return

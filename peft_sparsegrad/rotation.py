@@ -201,6 +201,17 @@ class BasisPair:
             other = stored[dtype] = BasisPair(self.U_out.to(dtype), self.U_in.to(dtype))
         return other
 
+    def row_block(self, first: int, end: int) -> "BasisPair":
+        """The pair with only rows first:end of U_out (a rectangular (end − first) × out U_out, cached): the products
+        of a rank that holds rows first:end of W and of its gradient (``peft_sparsegrad.sharded``)."""
+        if self.is_identity or (first, end) == (0, self.U_out.shape[0]):
+            return self
+        blocks = self.__dict__.setdefault("_row_blocks", {})
+        key = (first, end, self.U_out.device, self.U_out.dtype)
+        if key not in blocks:
+            blocks[key] = BasisPair(self.U_out[first:end], self.U_in)
+        return blocks[key]
+
     def exact_in(self, dtype: torch.dtype) -> bool:
         """Whether storing this pair in ``dtype`` loses nothing (a loaded adapter's bases must stay what it trained with)."""
         if self.is_identity:
@@ -308,6 +319,7 @@ class BasisPair:
 
     def unrotated_blocks(self, flat: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
                          dtype: Optional[torch.dtype] = None, support: Optional["Support"] = None,
+                         rows: Optional[tuple[int, int]] = None,
                          ) -> Iterator[tuple[tuple[slice, slice], torch.Tensor]]:
         """ΔW = U_out · δ · U_inᵀ for δ = ``values`` at the unique sorted flat indices ``flat``, as a stream of
         ((rows, cols) slices of W, block of ΔW in ``dtype``) that together cover W once.
@@ -316,7 +328,8 @@ class BasisPair:
         of the block, else a float32 CSR matrix), ΔW = U_out[:, R] · B · U_in[:, C]ᵀ. The side whose gathered basis
         columns are fewer is kept whole and the other streamed: row blocks ΔW[r] = (U_out[r, R] B) U_in[:, C]ᵀ or
         column blocks ΔW[:, c] = U_out[:, R] (B U_in[c, C]ᵀ). ``support``: δ is on this periodic Support, in its
-        order (its rows/columns are cached there).
+        order (its rows/columns are cached there). ``rows`` = (first, end): only those rows of ΔW, with slices
+        relative to ``first`` (the rows of W a rank holds under FSDP2).
         """
         if self.is_identity:
             raise ValueError("identity bases change W entry by entry (SparseGradLayer handles MeProp)")
@@ -324,17 +337,18 @@ class BasisPair:
         n_out, n_in = shape
         values = values.float()
         if support is not None:
-            rows, cols, crow, col = support.block_parts()
+            rows_index, cols, crow, col = support.block_parts()
             r_pos = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=values.device), crow.diff().long())
             c_pos = col.long()
         else:
             flat = flat.long()
-            rows, r_pos = torch.unique_consecutive(flat.div(n_in, rounding_mode="floor"), return_inverse=True)
+            rows_index, r_pos = torch.unique_consecutive(flat.div(n_in, rounding_mode="floor"),
+                                                         return_inverse=True)
             cols, c_pos = torch.unique(flat.remainder(n_in), return_inverse=True)
-            (rows, r_map), (cols, c_map) = gather_index(rows, n_out), gather_index(cols, n_in)
+            (rows_index, r_map), (cols, c_map) = gather_index(rows_index, n_out), gather_index(cols, n_in)
             r_pos = r_pos if r_map is None else r_map[r_pos]
             c_pos = c_pos if c_map is None else c_map[c_pos]
-        n_r, n_c = rows.numel(), cols.numel()
+        n_r, n_c = rows_index.numel(), cols.numel()
         if values.numel() == 0:
             return
         dense = n_r * n_c <= DENSE_FILL * values.numel()
@@ -351,17 +365,19 @@ class BasisPair:
                 block = torch.sparse_coo_tensor(index, values, size, check_invariants=False).coalesce() \
                     .to_sparse_csr()
         product_dtype = dtype if dense else torch.float32
+        first, end = rows if rows is not None else (0, n_out)
         if row_blocks:
             u_in_c_t = rows_of(self.U_in.T, cols).to(dtype)  # U_in[:, C]ᵀ: |C| × in
-            u_out_t = self.U_out.T if n_r == n_out else self.U_out.T[rows]  # U_out[:, R]ᵀ, |R| × out, stored dtype
-            step = block_rows(n_out, n_in, values.device)
-            for r0 in range(0, n_out, step):
-                n_t = block @ u_out_t[:, r0:r0 + step].to(product_dtype)  # (U_out[r, R] B)ᵀ: |C| × b
-                yield (slice(r0, r0 + step), slice(None)), n_t.T.to(dtype) @ u_in_c_t
+            u_out_t = self.U_out.T if n_r == n_out else self.U_out.T[rows_index]  # U_out[:, R]ᵀ, |R| × out
+            step = block_rows(end - first, n_in, values.device)
+            for r0 in range(first, end, step):
+                r1 = min(r0 + step, end)
+                n_t = block @ u_out_t[:, r0:r1].to(product_dtype)  # (U_out[r, R] B)ᵀ: |C| × b
+                yield (slice(r0 - first, r1 - first), slice(None)), n_t.T.to(dtype) @ u_in_c_t
         else:
-            u_out_r = rows_of(self.U_out.T, rows).to(dtype).T  # U_out[:, R]: out × |R|
+            u_out_r = rows_of(self.U_out.T, rows_index)[:, first:end].to(dtype).T  # U_out[rows, R]: (end-first) × |R|
             u_in_t = self.U_in.T if n_c == n_in else self.U_in.T[cols]  # U_in[:, C]ᵀ: |C| × in, stored dtype
-            step = block_rows(n_in, n_out, values.device)
+            step = block_rows(n_in, end - first, values.device)
             for c0 in range(0, n_in, step):
                 m = block @ u_in_t[:, c0:c0 + step].to(product_dtype)  # B U_in[c, C]ᵀ: |R| × b
                 yield (slice(None), slice(c0, c0 + step)), u_out_r @ m.to(dtype)

@@ -51,8 +51,9 @@ import numpy as np
 import torch
 
 from .layer import SparseGradLayer
-from .rotation import Support
+from .rotation import BasisPair, Support
 from .rounding import mix_seed
+from .sharded import all_reduce_, is_sharded, local_rows
 
 SPARSE_MODES = ("adamw", "sparse_adam", "sgd")
 STATE_KEY = "sparsegrad"
@@ -186,6 +187,8 @@ def gradient_of(layer: SparseGradLayer, adapter: str, grad: torch.Tensor, state:
     ``state`` is the weight's optimizer state (read only here). With ``inplace`` the caller gives up ``grad``: the
     full rotation then overwrites it instead of allocating its own out × in product.
     """
+    if is_sharded(grad):
+        return _sharded_gradient_of(layer, adapter, grad, state, k=k, refresh_interval=refresh_interval)
     g_w = _as_out_in(layer, grad)
     pair = layer.pair(adapter)
     # ||g||² = ||G||² for orthogonal bases (to ~1e-3 for float16-stored ones): kept_energy's denominator for free
@@ -195,13 +198,59 @@ def gradient_of(layer: SparseGradLayer, adapter: str, grad: torch.Tensor, state:
         values = pair.rotate_at(g_w, support, layer.compute_dtype())
         return SparseGradient(support.flat, values, total, _energy_share(values, total),
                               torch.ones((), device=values.device), support=support)
+    sel, values = pair.rotate_topk(g_w, k, layer.compute_dtype(), inplace=inplace and not layer.is_conv1d,
+                                   **_capped(layer, adapter, k))
+    st = state.get(STATE_KEY)
+    previous = None if st is None else (st.indices if refresh_interval > 0 else st.prev_selected)
+    return SparseGradient(sel, values, total, _energy_share(values, total), _overlap(sel, previous),
+                          refresh=refresh_interval > 0)
+
+
+def _capped(layer: SparseGradLayer, adapter: str, k: int) -> dict:
+    """rotate_topk's restriction under max_support: with the support near full, at most cap − nnz new entries."""
     delta = layer.delta(adapter)
     cap = layer.sparsegrad_max_support.get(adapter)
-    restrict = {}
-    if cap is not None and delta.nnz + k > cap:  # the support could overflow: at most cap - nnz new entries
-        restrict = {"support": delta.flat, "max_new": max(0, cap - delta.nnz)}
-    sel, values = pair.rotate_topk(g_w, k, layer.compute_dtype(), inplace=inplace and not layer.is_conv1d,
-                                   **restrict)
+    if cap is not None and delta.nnz + k > cap:
+        return {"support": delta.flat, "max_new": max(0, cap - delta.nnz)}
+    return {}
+
+
+def _sharded_values(layer: SparseGradLayer, adapter: str, grad: torch.Tensor, support: Support) -> torch.Tensor:
+    """g[S] from this rank's rows of a sharded gradient: its partial product, summed over the ranks."""
+    first, end = local_rows(layer.get_base_layer().weight)
+    g_r, pair = grad.to_local(), layer.pair(adapter)
+    if pair.is_identity:  # the entries of S in this rank's rows, zero elsewhere
+        flat = support.flat.long()
+        mine = (flat >= first * layer.in_features) & (flat < end * layer.in_features)
+        values = torch.zeros(flat.numel(), dtype=torch.float32, device=g_r.device)
+        values[mine] = g_r.reshape(-1)[flat[mine] - first * layer.in_features].float()
+    else:
+        values = pair.row_block(first, end).rotate_at(g_r, support, layer.compute_dtype())
+    return all_reduce_(values, grad)
+
+
+def _sharded_gradient_of(layer: SparseGradLayer, adapter: str, grad: torch.Tensor, state: dict, *, k: int,
+                         refresh_interval: int) -> SparseGradient:
+    """``gradient_of`` for a weight sharded by rows (FSDP2, ``peft_sparsegrad.sharded``): every rank ends with the
+    same SparseGradient."""
+    if layer.is_conv1d:
+        raise ValueError("SparseGrad does not support sharded Conv1D (GPT-2) weights; shard Linear layers.")
+    g_r = grad.to_local()
+    total = all_reduce_(torch.linalg.vector_norm(g_r, dtype=torch.float32).square(), grad)  # ||G||² = Σ ||G_r||²
+    support = fixed_support(layer, adapter, state, refresh_interval)
+    if support is not None:
+        values = _sharded_values(layer, adapter, grad, support)
+        return SparseGradient(support.flat, values, total, _energy_share(values, total),
+                              torch.ones((), device=values.device), support=support)
+    first, end = local_rows(layer.get_base_layer().weight)
+    pair = layer.pair(adapter)
+    if pair.is_identity:
+        g = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float32, device=g_r.device)
+        g[first:end] = g_r
+    else:  # this rank's partial U_out[rows]ᵀ G_r U_in, out × in
+        g = pair.row_block(first, end).rotate(g_r, torch.float32)
+    all_reduce_(g, grad)
+    sel, values = BasisPair(None, None).rotate_topk(g, k, torch.float32, inplace=True, **_capped(layer, adapter, k))
     st = state.get(STATE_KEY)
     previous = None if st is None else (st.indices if refresh_interval > 0 else st.prev_selected)
     return SparseGradient(sel, values, total, _energy_share(values, total), _overlap(sel, previous),
@@ -214,9 +263,13 @@ def accumulate(layer: SparseGradLayer, adapter: str, sparse: SparseGradient, gra
     so the sum of the micro-batches' g[S] is exactly g[S] of the accumulated gradient)."""
     if sparse.support is None:
         raise ValueError("only g on a fixed support (periodic selection between refreshes) accumulates sparsely")
-    g_w = _as_out_in(layer, grad)
-    values = layer.pair(adapter).rotate_at(g_w, sparse.support, layer.compute_dtype())
-    total = torch.linalg.vector_norm(g_w, dtype=torch.float32).square()
+    if is_sharded(grad):
+        values = _sharded_values(layer, adapter, grad, sparse.support)
+        total = all_reduce_(torch.linalg.vector_norm(grad.to_local(), dtype=torch.float32).square(), grad)
+    else:
+        g_w = _as_out_in(layer, grad)
+        values = layer.pair(adapter).rotate_at(g_w, sparse.support, layer.compute_dtype())
+        total = torch.linalg.vector_norm(g_w, dtype=torch.float32).square()
     n = sparse.micro_batches
     sparse.kept_energy = (sparse.kept_energy * n + _energy_share(values, total)) / (n + 1)
     sparse.values.add_(values)
