@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -193,8 +194,8 @@ class SparseGradLayer(BaseTunerLayer):
         weight.requires_grad_(trainable)
         if trainable:
             setattr(weight, OWNER_ATTR, self)
-            if self._routing_hook is None:
-                self._routing_hook = weight.register_hook(_check_routed(weight))
+            if self._routing_hook is None or self._routing_hook[0]() is not weight:  # new: e.g. FSDP2 replaced W
+                self._routing_hook = (weakref.ref(weight), weight.register_hook(_check_routed(weight)))
         else:
             self._release_weight()
 
@@ -204,7 +205,7 @@ class SparseGradLayer(BaseTunerLayer):
             if hasattr(weight, attr):
                 delattr(weight, attr)
         if self._routing_hook is not None:
-            self._routing_hook.remove()
+            self._routing_hook[1].remove()
             self._routing_hook = None
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -140,3 +141,44 @@ def test_speed_memory_quick(tmp_path):
     assert again["models"]["tiny-llama"]["sparsegrad-lean"]["live_split"] == split
     assert again["state_table"] == data["state_table"]
     assert "recomputed from the measurements" in (tmp_path / "speed_memory.md").read_text()
+
+
+@pytest.mark.slow
+def test_trainer_memory_quick(tmp_path):
+    """benchmarks/trainer_memory.py --quick: every method trains through the Trainer in its own worker; SparseGrad
+    runs the step inside backward (the dense variants the dense path) and reports its state and adapter bytes."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    script = os.path.join(REPO, "benchmarks", "trainer_memory.py")
+    methods = "full,lora,sparsegrad,sparsegrad-exact"
+    proc = subprocess.run([sys.executable, script, "--quick", "--methods", methods, "--output-dir", str(tmp_path),
+                           "--name", "tm"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "tm.json").read_text())
+    runs = data["runs"]
+    assert set(methods.split(",")) <= set(runs) and not [m for m in runs if "error" in runs[m]]
+    assert runs["sparsegrad"]["path"] == "step-in-backward" and runs["sparsegrad-exact"]["path"] == "dense"
+    assert runs["sparsegrad"]["state_bytes"]["residual"] == 0 and runs["sparsegrad-exact"]["state_bytes"]["residual"] > 0
+    for name in methods.split(","):
+        assert runs[name]["peak_rss_mib"] > 0 and len(runs[name]["step_times_s"]) == 2
+    assert "| sparsegrad |" in (tmp_path / "tm.md").read_text()
+
+
+@pytest.mark.slow
+def test_ddp_comm_quick(tmp_path):
+    """benchmarks/ddp_comm.py --quick on 2 gloo ranks: between refreshes SparseGrad sends k values of g[S] (in
+    bf16) plus DDP's one-number anchor, full FT and the dense path the dense gradient."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={port}", os.path.join(REPO, "benchmarks", "ddp_comm.py"), "--quick",
+           "--steps", "2", "--warmup", "2", "--output-dir", str(tmp_path), "--name", "comm"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads((tmp_path / "comm.json").read_text())["runs"]
+    dense = runs["full"]["adapted_weights"] * 2
+    assert runs["full"]["bytes_per_step"] == [dense, dense] == runs["sparsegrad-dense"]["bytes_per_step"]
+    k = -(-runs["full"]["adapted_weights"] // 100)  # keep_ratio 0.01 per layer, rounded up per layer
+    assert all(dense // 100 <= b - 4 <= 2 * (k + 8) for b in runs["sparsegrad"]["bytes_per_step"])
+    assert runs["sparsegrad-dynamic"]["bytes_per_step"] == [dense + 4] * 2
