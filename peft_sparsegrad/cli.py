@@ -934,7 +934,7 @@ def cmd_inspect(args) -> int:
             layer_type, name = split_bases_key(key)
             if layer_type is not None:
                 bases.setdefault(layer_type, {})[name] = shape
-        layers = {key.removesuffix(".sparsegrad_indices").removeprefix(_PEFT_PREFIX): shape[1]
+        layers = {key.removesuffix(".sparsegrad_indices").removeprefix(_PEFT_PREFIX): shape[-1]  # nnz (either format)
                   for key, shape in shapes.items() if key.endswith(".sparsegrad_indices")}
         type_of = {}
         for name in layers:

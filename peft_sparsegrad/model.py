@@ -2,7 +2,8 @@
 checkpoint) *before* touching the model, swaps in SparseGradLinear, and stores adapters sparsely.
 
 Saved format (adapter_model.safetensors), per adapted layer ``<m>``:
-``<m>.sparsegrad_indices`` (int32, 2 × nnz: row, column of ΔW'), ``<m>.sparsegrad_values`` (float32, nnz) and
+``<m>.sparsegrad_indices`` (int32, nnz: flat row-major indices of ΔW's entries in its out × in matrix; adapters
+saved by earlier versions hold 2 × nnz rows and columns, which load too), ``<m>.sparsegrad_values`` (float32, nnz) and
 ``<m>.sparsegrad_shape`` (int32, (out, in) of ΔW'; optional when loading), plus the bases once per layer type:
 ``sparsegrad_bases.<type>.U_out`` / ``.U_in`` (in their storage dtype, float16 by default; absent for
 identity/MeProp).
@@ -214,9 +215,8 @@ class SparseGradModel(BaseTuner):
                                  "nothing consistent can be saved. " + NO_BASES_ERROR)
             pair = module.pair(adapter_name)  # in its storage dtype (bases_dtype) even before the first step
             delta = module.sparsegrad_delta[adapter_name]
-            rows, cols = delta.rows_cols()
             # the sparse change of W' on its support (zeros included: the support is what optimizer moments follow)
-            out[f"{name}.sparsegrad_indices.{adapter_name}"] = torch.stack([rows, cols]).to(torch.int32).cpu()
+            out[f"{name}.sparsegrad_indices.{adapter_name}"] = delta.flat.to(torch.int32).cpu().contiguous()
             out[f"{name}.sparsegrad_values.{adapter_name}"] = delta.values.detach().float().cpu().contiguous()
             # (out, in) of ΔW': without it a MeProp adapter (no bases saved) of a smaller model would load silently
             out[f"{name}.sparsegrad_shape.{adapter_name}"] = torch.tensor(delta.shape, dtype=torch.int32)
@@ -275,7 +275,10 @@ class SparseGradModel(BaseTuner):
                 raise ValueError(f"The checkpoint's ΔW' for '{head}' is {tuple(saved_shape.tolist())} but the module's "
                                  f"weight is {shape[0]} × {shape[1]}: this adapter was trained on a base model with "
                                  "other shapes.")
-            if indices.numel() and (indices[0].max() >= shape[0] or indices[1].max() >= shape[1]):
+            if indices.dim() == 1:  # flat indices (this version)
+                indices = torch.stack([indices.div(shape[1], rounding_mode="floor"), indices.remainder(shape[1])])
+            if indices.numel() and (indices[0].max() >= shape[0] or indices[1].max() >= shape[1]
+                                    or indices.min() < 0):
                 raise ValueError(f"The checkpoint's ΔW' for '{head}' does not fit the module's {shape[0]} × {shape[1]} "
                                  "weight: this adapter was trained on a base model with other shapes.")
             deltas[layer_name] = SparseDelta.from_indices(indices[0], indices[1], values, shape)

@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -170,16 +170,16 @@ def test_save_pretrained_files_and_sparse_format(arch, tmp_path):
         sparse = layer.sparsegrad_delta["default"]
         delta = sparse.to_dense()
         assert indices.dtype == torch.int32 and values.dtype == torch.float32
-        # the whole support is saved (entries that returned to 0 included: optimizer moments follow the support)
-        assert indices.shape == (2, sparse.nnz) and values.shape == (indices.shape[1],)
+        # the whole support is saved (entries that returned to 0 included: optimizer moments follow the support),
+        # as flat int32 indices (4 bytes per entry)
+        assert indices.shape == (sparse.nnz,) and values.shape == indices.shape
         assert int((delta != 0).sum()) <= sparse.nnz
-        assert 0 < indices.shape[1] < delta.numel() // 2  # sparse
-        rows, cols = sparse.rows_cols()
-        assert torch.equal(indices[0].long(), rows) and torch.equal(indices[1].long(), cols)
+        assert 0 < indices.shape[0] < delta.numel() // 2  # sparse
+        assert torch.equal(indices, sparse.flat)
         assert torch.equal(values, sparse.values)
-        dense = torch.zeros_like(delta)
-        dense[indices[0].long(), indices[1].long()] = values
-        assert torch.equal(dense, delta)
+        dense = torch.zeros_like(delta).view(-1)
+        dense[indices.long()] = values
+        assert torch.equal(dense.view(delta.shape), delta)
         pair = layer.sparsegrad_bases["default"]
         t = layer.sparsegrad_type["default"]
         assert torch.equal(state[f"base_model.model.sparsegrad_bases.{t}.U_out"], pair.U_out)
@@ -231,7 +231,7 @@ def test_untrained_adapter_saves_empty_indices_and_loads(tmp_path):
     model.save_pretrained(tmp_path)
     state = load_file(tmp_path / "adapter_model.safetensors")
     indices = [v for k, v in state.items() if k.endswith("sparsegrad_indices")]
-    assert len(indices) == 4 and all(v.shape == (2, 0) and v.dtype == torch.int32 for v in indices)
+    assert len(indices) == 4 and all(v.shape == (0,) and v.dtype == torch.int32 for v in indices)
     loaded = PeftModel.from_pretrained(build_model(arch), tmp_path, is_trainable=True)
     batch = eval_batch(arch)
     torch.testing.assert_close(logits(loaded, batch), logits(build_model(arch), batch), atol=1e-6, rtol=0)
@@ -776,3 +776,22 @@ def test_index_data_stays_int32_through_bf16_cast_and_round_trip(tmp_path):
         torch.testing.assert_close(layer.get_base_layer().weight, expected_w.to(torch.bfloat16), atol=0, rtol=0)
     # the two bf16 models differ by one bf16 rounding of W (W₀ rounded before or after adding ΔW)
     torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-2, rtol=1e-2)
+
+
+def test_adapter_with_row_column_indices_of_earlier_versions_loads(tmp_path):
+    """Adapters written before flat indices hold ΔW''s support as 2 × nnz (row, column) int32: they load alike."""
+    arch = "llama"
+    model = make_peft(arch, keep_ratio=0.05)
+    train(model, arch)
+    batch = eval_batch(arch)
+    expected = logits(model, batch)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    state = load_file(path)
+    for key in [k for k in state if k.endswith("sparsegrad_indices")]:
+        shape = state[key.replace("sparsegrad_indices", "sparsegrad_shape")].tolist()
+        flat = state[key].long()
+        state[key] = torch.stack([flat // shape[1], flat % shape[1]]).to(torch.int32)
+    save_file(state, path)
+    loaded = PeftModel.from_pretrained(build_model(arch), tmp_path)
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=2e-6, rtol=0)
