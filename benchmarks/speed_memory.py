@@ -52,16 +52,20 @@ small model's exact count.
 
 Methods (all PEFT methods train the same MLP layers + the classification head, as ``peft_sparsegrad.finetune``
 does): ``full`` (all params, torch.optim.AdamW); ``lora`` (PEFT LoRA, rank = ``mlp_budget(model,
-keep_ratio)["lora_rank"]`` so its trainable MLP params match SparseGrad's Σ k; AdamW); ``meprop``
-(SparseGradConfig(bases="identity"), create_sparsegrad_optimizer in the lean "adamw" mode); ``sparsegrad`` (bases
-calibrated on ``--calibration-steps`` synthetic batches, ``sparse_adam`` = paper-faithful lazy Adam with dense
-moments); ``sparsegrad-periodic`` (the same bases, ``selection="periodic"``: fixed top-k support re-selected every
-``--refresh-interval`` steps, gradient computed only on it, AdamW state of k values; the first selection happens in
-the warm-up, so the median is a between-refresh step); ``sparsegrad-lean`` (the same bases, reused from the sparsegrad worker, "adamw" mode: state only on the
-entries ever selected); ``galore`` (galore-torch GaLoreAdamW on the same MLP weight matrices, rank = the LoRA rank,
-update_proj_gap 200, scale 0.25, head in a plain group; only MLP weights + head trainable. Its SVD runs on the first
-step, i.e. in the warm-up, then every 200 steps: the timed median excludes it, the warm-up times in the JSON
-include it).
+keep_ratio)["lora_rank"]`` so its trainable MLP params match SparseGrad's Σ k; AdamW); ``galore`` (galore-torch
+GaLoreAdamW on the same MLP weight matrices, rank = the LoRA rank, update_proj_gap 200, scale 0.25, head in a plain
+group; its SVD runs on the first step, i.e. in the warm-up). SparseGrad, through ``create_sparsegrad_optimizer(...,
+step_in_backward=True)`` (the rotation and top-k inside backward) unless said otherwise, every step clipped with
+``clip_grad_norm_(model.parameters(), --max-grad-norm)`` as the Trainer does: ``sparsegrad-lean`` = the default
+SparseGradConfig (periodic selection every ``--refresh-interval`` steps, support ≤ 2·k, stochastic rounding; the first
+selection happens in the warm-up, so the median is a between-refresh step); ``sparsegrad-dynamic`` (the default with
+selection="dynamic"); ``sparsegrad`` (the paper: lazy Adam, dynamic, unbounded support); ``sparsegrad-exact`` (what
+earlier versions trained: dynamic, unbounded, compensated rounding, the dense path); ``sparsegrad-f32bases`` (the
+default with float32 bases); ``meprop`` (identity bases, the default config). Bases are calibrated once on
+``--calibration-steps`` synthetic batches by the first SparseGrad worker and shared through a file. Workers run with
+``MALLOC_MMAP_THRESHOLD_=65536`` (unless ``--no-pin-mmap``), so the training peak RSS (VmHWM, reset after setup)
+contains every transient of the steps: the ``training peak − LoRA's`` column. Timings with the pinned threshold are
+pessimistic for allocation-heavy steps; compare speed with ``--no-pin-mmap``.
 
 Calibration cost. (a) The ``sparsegrad`` worker times ``peft_sparsegrad.calibrate`` (what ``get_peft_model`` runs:
 N forward + backward passes with Gram hooks, then the eigendecompositions), with the Gram accumulation and the
@@ -97,12 +101,13 @@ from typing import Any, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 ALL_METHODS = ("full", "lora", "meprop", "sparsegrad", "sparsegrad-lean", "sparsegrad-periodic", "galore",
-               "sparsegrad-f32bases")
+               "sparsegrad-f32bases", "sparsegrad-dynamic", "sparsegrad-exact")
 # sparsegrad-f32bases: the default config (lean AdamW) with bases_dtype="float32" (exactly orthogonal bases, twice
 # their memory): what the float16 default saves
 MODELS = ("minilm", "llama", "llama-gpu", "tiny-bert", "smollm2", "tiny-llama")
 DECODERS = ("smollm2", "tiny-llama")  # causal LMs: up_proj/down_proj of every third block, no head
-PROBED_METHODS = ("meprop", "sparsegrad", "sparsegrad-lean", "sparsegrad-periodic", "sparsegrad-f32bases")  # live-bytes split, see --probe
+PROBED_METHODS = ("meprop", "sparsegrad", "sparsegrad-lean", "sparsegrad-periodic", "sparsegrad-f32bases",
+                  "sparsegrad-dynamic", "sparsegrad-exact")  # live-bytes split, see --probe
 MIB = 2**20
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -114,8 +119,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=None,
                    help=f"comma list of {', '.join(MODELS)} (default minilm,llama); 'none': only the Gram timing")
-    p.add_argument("--methods", default=",".join(m for m in ALL_METHODS if m != "sparsegrad-f32bases"),
+    p.add_argument("--methods", default=",".join(m for m in ALL_METHODS if m not in ("sparsegrad-f32bases",
+                                                                                      "sparsegrad-periodic")),
                    help="comma-separated; sparsegrad-f32bases (float32 bases) on request")
+    p.add_argument("--no-pin-mmap", action="store_true",
+                   help="do not pin MALLOC_MMAP_THRESHOLD_ in the workers (faster allocation; the RSS peak then "
+                        "includes freed blocks glibc keeps)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip_grad_norm_ in every step (0: none)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="default 32 (8 when every model is a decoder: the issue's SmolLM2 protocol; --quick: 8)")
     p.add_argument("--seq-len", type=int, default=None,
@@ -197,6 +207,24 @@ def _methods(args) -> list[str]:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {ALL_METHODS}")
     return methods
+
+
+def sparsegrad_options(method: str, args) -> dict:
+    """SparseGradConfig overrides of each SparseGrad method (everything else: the config's defaults)."""
+    return {
+        "sparsegrad": {"sparse_optimizer": "sparse_adam", "max_support": None},  # the paper: dynamic, lazy Adam
+        "sparsegrad-lean": {"refresh_interval": args.refresh_interval},  # the default config
+        "sparsegrad-periodic": {"refresh_interval": args.refresh_interval},  # = the default (periodic)
+        "sparsegrad-dynamic": {"selection": "dynamic"},
+        "sparsegrad-exact": {"selection": "dynamic", "max_support": None, "rounding": "compensated"},
+        "sparsegrad-f32bases": {"refresh_interval": args.refresh_interval, "bases_dtype": "float32"},
+        "meprop": {"refresh_interval": args.refresh_interval},
+    }.get(method, {})
+
+
+def _fused(method: str) -> bool:
+    """SparseGrad methods run the step inside backward except the earlier versions' exact dense variant."""
+    return method != "sparsegrad-exact"
 
 
 def _gram_shapes(args) -> list[tuple[int, int]]:
@@ -451,17 +479,16 @@ def setup(method: str, model_name: str, base, args) -> tuple[Any, Any, dict]:
         s = setup_method(method, base, keep_ratio=args.keep_ratio)
         model = s.model
         if method == "meprop":
-            optimizer = create_sparsegrad_optimizer(model, lr=args.lr, mode="adamw")
-            info["note"] = s.note + "; SparseGradOptimizer mode adamw (lean)"
+            optimizer = create_sparsegrad_optimizer(model, lr=args.lr, mode="adamw", step_in_backward=True)
+            info["note"] = s.note + "; SparseGradOptimizer mode adamw (lean), step inside backward"
         else:
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
             info["note"] = s.note + ("" if method == "full" else "; torch.optim.AdamW")
         return model, optimizer, info
     # sparsegrad, sparsegrad-lean, sparsegrad-periodic: bases calibrated on synthetic batches (not the training
     # batches). The sparsegrad worker calibrates (timed) and writes the bases to --bases-file; the others reuse it.
-    mode = "sparse_adam" if method == "sparsegrad" else "adamw"
-    selection = "periodic" if method == "sparsegrad-periodic" else "dynamic"
-    bases_dtype = "float32" if method == "sparsegrad-f32bases" else "float16"
+    options = sparsegrad_options(method, args)
+    mode = options.get("sparse_optimizer", "adamw")
     n = _calibration_steps(model_name, args)
     bases_file = args.bases_file or os.path.join(tempfile.mkdtemp(prefix="sparsegrad_bases_"), "bases.safetensors")
     if method != "sparsegrad" and os.path.exists(bases_file):
@@ -473,14 +500,13 @@ def setup(method: str, model_name: str, base, args) -> tuple[Any, Any, dict]:
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    s = setup_method("sparsegrad", base, keep_ratio=args.keep_ratio, bases=bases_file, sparse_optimizer=mode,
-                     selection=selection, refresh_interval=args.refresh_interval, bases_dtype=bases_dtype)
+    s = setup_method("sparsegrad", base, keep_ratio=args.keep_ratio, bases=bases_file, **options)
     if cuda:
         torch.cuda.synchronize()
     info["injection_s"] = time.perf_counter() - t0
     model = s.model
-    optimizer = create_sparsegrad_optimizer(model, lr=args.lr, mode=mode)
-    info["note"] = s.note + f"; SparseGradOptimizer mode {mode}"
+    optimizer = create_sparsegrad_optimizer(model, lr=args.lr, mode=mode, step_in_backward=_fused(method))
+    info["note"] = s.note + f"; SparseGradOptimizer mode {mode}, {'step inside backward' if _fused(method) else 'dense path'}"
     if "bases_from" in info:
         info["note"] += "; bases " + info["bases_from"]
     return model, optimizer, info
@@ -535,15 +561,10 @@ def setup_decoder(method: str, model_name: str, base, args) -> tuple[Any, Any, d
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
         info["note"] = f"LoRA r={r} ({budget['lora_params']} params) on {where}; torch.optim.AdamW"
         return model, optimizer, info
-    mode = {"sparsegrad": "sparse_adam"}.get(method, "adamw")
-    selection = "periodic" if method == "sparsegrad-periodic" else "dynamic"
+    options = sparsegrad_options(method, args)
+    mode = options.get("sparse_optimizer", "adamw")
     common = dict(task_type="CAUSAL_LM", target_modules=list(decoder_models.DECODER_TARGETS),
-                  layers_to_transform=layers, keep_ratio=args.keep_ratio, selection=selection,
-                  refresh_interval=args.refresh_interval)
-    if mode != "adamw":  # "adamw" is the default: sparsegrad-lean / -periodic / meprop use the default config
-        common["sparse_optimizer"] = mode
-    if method == "sparsegrad-f32bases":
-        common["bases_dtype"] = "float32"
+                  layers_to_transform=layers, keep_ratio=args.keep_ratio, **options)
     if method == "meprop":
         config = SparseGradConfig(bases="identity", **common)
         bases_note = "identity bases (MeProp)"
@@ -563,11 +584,11 @@ def setup_decoder(method: str, model_name: str, base, args) -> tuple[Any, Any, d
     t0 = time.perf_counter()
     model = get_peft_model(base, config)
     info["injection_s"] = time.perf_counter() - t0
-    optimizer = create_sparsegrad_optimizer(model, lr=args.lr)  # mode: the config's sparse_optimizer
-    chosen = "per step" if selection == "dynamic" else f"support re-selected every {args.refresh_interval} steps"
-    info["note"] = (f"top-{args.keep_ratio:.2%} ({budget['sparsegrad_k']} entries, {chosen}) of {where}; "
-                    f"create_sparsegrad_optimizer, sparse_optimizer {mode!r}; {bases_note}"
-                    + ("; bases_dtype='float32'" if method == "sparsegrad-f32bases" else ""))
+    optimizer = create_sparsegrad_optimizer(model, lr=args.lr, step_in_backward=_fused(method))
+    info["note"] = (f"top-{args.keep_ratio:.2%} ({budget['sparsegrad_k']} entries, {config.selection_summary()}) of "
+                    f"{where}; create_sparsegrad_optimizer, sparse_optimizer {config.sparse_optimizer!r}, rounding "
+                    f"{config.rounding!r}, {'step inside backward' if _fused(method) else 'dense path'}; "
+                    f"{bases_note}" + ("; bases_dtype='float32'" if method == "sparsegrad-f32bases" else ""))
     return model, optimizer, info
 
 
@@ -707,6 +728,8 @@ def worker_train(model_name: str, method: str, args) -> dict:
         t_bwd = time.perf_counter()
         if grad_bytes is None:  # exact gradient bytes after the first backward (a warm-up step, never timed)
             grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        if args.max_grad_norm > 0:  # as the Trainer does (SparseGrad's norm carrier is one of the parameters)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
@@ -926,7 +949,7 @@ def worker_main(args) -> None:
 # parent: orchestration and reports
 
 
-FORWARDED = ("batch_size", "seq_len", "warmup", "steps", "keep_ratio", "probe_keep_ratio", "refresh_interval", "lr",
+FORWARDED = ("max_grad_norm", "batch_size", "seq_len", "warmup", "steps", "keep_ratio", "probe_keep_ratio", "refresh_interval", "lr",
              "calibration_steps",
              "llama_calibration_steps", "llama_layers", "device", "dtype", "gram_shapes", "gram_steps",
              "gram_eigh_max", "gram_eigh_ref_sizes", "gram_device", "gram_precision", "seed", "threads")
@@ -941,7 +964,8 @@ def _worker_cmd(job: str, out: str, args) -> list[str]:
     return cmd
 
 
-_BASES_JOBS = (":sparsegrad", ":sparsegrad-lean", ":sparsegrad-periodic", ":sparsegrad-f32bases")  # share one calibration per model
+_BASES_JOBS = (":sparsegrad", ":sparsegrad-lean", ":sparsegrad-periodic", ":sparsegrad-f32bases",
+               ":sparsegrad-dynamic", ":sparsegrad-exact")  # share one calibration per model
 
 
 def run_worker(job: str, args, tmp: str) -> dict:
@@ -952,6 +976,8 @@ def run_worker(job: str, args, tmp: str) -> dict:
     load_before = _loadavg()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if not args.no_pin_mmap:  # freed blocks > 64 KiB go back to the OS: the RSS peak follows the live tensors
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
@@ -1047,6 +1073,7 @@ def summarize(results: dict, args) -> dict:
                 "counted_vs_lora": _ratio(_counted(r), lora and _counted(lora)),
                 "live_extra_vs_full": _ratio(_live(r), full and _live(full)),
                 "live_extra_vs_lora": _ratio(_live(r), lora and _live(lora)),
+                "peak_over_lora_b_per_w": _peak_over(r, lora),
             }
             probe = results.get("probes", {}).get(model_name, {}).get(m)
             if probe and "error" not in probe and r.get("layer_types"):
@@ -1064,6 +1091,19 @@ def summarize(results: dict, args) -> dict:
     if any(m in DECODERS for m in results["models"]):
         results["state_table"] = state_table([results])
     return results
+
+
+def _peak_over(r: dict, lora: Optional[dict]) -> Optional[float]:
+    """(training peak − LoRA's training peak) per adapted weight: the RSS high-water mark of the timed steps (CPU;
+    with the mmap threshold pinned every transient shows) or the CUDA max allocated."""
+    if not lora:
+        return None
+    key = "cuda_train_peak_allocated_mib" if "cuda_train_peak_allocated_mib" in r["memory"] else "train_peak_rss_mib"
+    mine, theirs = r["memory"].get(key), lora["memory"].get(key)
+    weights = (r.get("live") or {}).get("adapted_weights")
+    if mine is None or theirs is None or not weights:
+        return None
+    return (mine - theirs) * MIB / weights
 
 
 def _live(r: dict) -> Optional[float]:
@@ -1302,13 +1342,14 @@ def write_markdown(results: dict, path: str) -> None:
         mem_col = "CUDA train peak over baseline (MiB)" if gpu else "train peak RSS over baseline (MiB)"
         lines += ["| method | step time median (min) (s) | × full | × LoRA | CPU time/step (s), × full, × LoRA | "
                   "fwd / bwd / opt (s) | peak RSS (MiB) | peak RSS × LoRA | "
-                  f"setup peak RSS over baseline (MiB) | {mem_col} | over-baseline × LoRA | trainable params (MiB) | "
+                  f"setup peak RSS over baseline (MiB) | {mem_col} | over-baseline × LoRA | "
+                  "**training peak − LoRA's (B / adapted weight)** | trainable params (MiB) | "
                   "grads (MiB) | optimizer state (MiB) | adapter extras (MiB) | counted total × LoRA | "
-                  "extra live B / adapted weight (× full, × LoRA) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "extra live B / adapted weight after backward (× full, × LoRA) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for method, r in per_method.items():
             if "error" in r:
-                lines.append(f"| {method} | error: {r['error']} |" + " |" * 15)
+                lines.append(f"| {method} | error: {r['error']} |" + " |" * 16)
                 continue
             ra, mem, b, ph = r["ratios"], r["memory"], r["bytes"], r["phase_median_s"]
             lines.append(
@@ -1319,7 +1360,8 @@ def write_markdown(results: dict, path: str) -> None:
                 f"{ph['forward']:.2f} / {ph['backward']:.2f} / {ph['optimizer']:.3f} | {mem['ru_maxrss_mib']:.0f} | "
                 f"{_fmt(ra['peak_rss_vs_lora'], '.2f')} | "
                 f"{_fmt(mem['setup_over_baseline_mib'], '.0f')} | {_fmt(r['train_over_baseline_used_mib'], '.0f')} | "
-                f"{_fmt(ra['train_over_baseline_vs_lora'], '.2f')} | {b['params_trainable'] / MIB:.1f} | "
+                f"{_fmt(ra['train_over_baseline_vs_lora'], '.2f')} | {_fmt(ra.get('peak_over_lora_b_per_w'), '.2f')} | "
+                f"{b['params_trainable'] / MIB:.1f} | "
                 f"{(b['grads'] or 0) / MIB:.1f} | {b['optimizer_state'] / MIB:.1f} | {b['adapter_extra'] / MIB:.1f} | "
                 f"{_fmt(ra['counted_vs_lora'], '.2f')} | {_fmt(_live(r), '.3f')} "
                 f"({_fmt(ra.get('live_extra_vs_full'), '.2f')}, {_fmt(ra.get('live_extra_vs_lora'), '.2f')}) |")
