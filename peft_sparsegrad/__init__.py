@@ -12,7 +12,7 @@ _bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
 if _bnb_logger.level == logging.NOTSET:
     _bnb_logger.setLevel(logging.ERROR)
 
-from .registration import SPARSEGRAD, register_sparsegrad  # noqa: E402  (after the logger set-up)
+from .registration import SPARSEGRAD, patch_print_trainable_parameters, register_sparsegrad  # noqa: E402
 from .config import SparseGradConfig
 from .bases import BasisPair, SparseGradBases, load_bases, save_bases
 from .calibration import calibrate
@@ -25,6 +25,7 @@ from .distributed import exclude_from_ddp, include_in_ddp
 from .models import smollm2_path
 
 register_sparsegrad(SparseGradConfig, SparseGradModel)
+patch_print_trainable_parameters()
 
 __version__ = "0.1.0"
 

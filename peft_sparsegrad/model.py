@@ -167,6 +167,28 @@ class SparseGradModel(BaseTuner):
     def sparsegrad_layers(self) -> list[SparseGradLinear]:
         return [m for m in self.model.modules() if isinstance(m, SparseGradLinear)]
 
+    def trainable_summary(self, adapter_name: Optional[str] = None) -> dict[str, int]:
+        """What SparseGrad trains, counted as such (``PeftModel.print_trainable_parameters`` prints it): the adapted
+        weights (trained in place, so PEFT's count calls all of them trainable), the per-step budget Σk, ΔW''s
+        current support, the adapter file's bytes (ΔW' at 8 B per entry + the bases once per layer type) and the
+        other trainable parameters (heads, ``modules_to_save``)."""
+        adapter = adapter_name or self.active_adapter
+        if isinstance(adapter, list):  # several active adapters: the first
+            adapter = adapter[0]
+        layers = [m for m in self.sparsegrad_layers() if adapter in m.sparsegrad_delta]
+        bases = {}
+        for m in layers:
+            pair = m.sparsegrad_bases[adapter]
+            if pair is not None and not pair.is_identity:
+                stored = m._bases_storage_dtype(adapter)
+                bases[m.sparsegrad_type[adapter]] = (pair.U_out.numel() + pair.U_in.numel()) * stored.itemsize
+        adapted = {id(m.get_base_layer().weight) for m in layers}
+        others = sum(p.numel() for p in self.model.parameters() if p.requires_grad and id(p) not in adapted)
+        support = sum(m.sparsegrad_delta[adapter].nnz for m in layers)
+        return {"adapted_layers": len(layers), "adapted_weights": sum(m.out_features * m.in_features for m in layers),
+                "budget_per_step": sum(m.sparsegrad_k[adapter] for m in layers), "support": support,
+                "adapter_bytes": 8 * support + sum(bases.values()), "other_trainable": others}
+
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         # PEFT freezes every parameter outside the adapter containers, the base weights included; here the base
         # weight W of a layer *is* what trains (in place) while one of its adapters is active and trainable.

@@ -48,3 +48,30 @@ def register_sparsegrad(config_cls: type, model_cls: type) -> None:
         for mapping in (PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING):
             mapping.pop(SPARSEGRAD, None)
     register_peft_method(name=NAME, config_cls=config_cls, model_cls=model_cls, prefix=PREFIX)
+
+
+def patch_print_trainable_parameters() -> None:
+    """``PeftModel.print_trainable_parameters`` counts every parameter with requires_grad, which for SparseGrad is
+    every adapted weight (trained in place) and says nothing about what it trains. For a SparseGrad model it prints
+    ``SparseGradModel.trainable_summary`` instead; other PEFT methods are untouched. Idempotent."""
+    from peft import PeftModel
+
+    original = PeftModel.print_trainable_parameters
+    if getattr(original, "_sparsegrad", False):
+        return
+
+    def print_trainable_parameters(self) -> None:
+        summary = getattr(self.base_model, "trainable_summary", None)
+        config = self.peft_config.get(self.active_adapter) if isinstance(self.active_adapter, str) else None
+        if not callable(summary) or getattr(config, "peft_type", None) != SPARSEGRAD:
+            return original(self)
+        s = summary()
+        _, all_param = self.get_nb_trainable_parameters()
+        print(f"SparseGrad: {s['budget_per_step']:,d} entries per step (Σk) of {s['adapted_weights']:,d} adapted "
+              f"weights in {s['adapted_layers']} layers (trained in place) || support {s['support']:,d} entries || "
+              f"adapter {s['adapter_bytes'] / 2**20:.1f} MiB || other trainable params {s['other_trainable']:,d} || "
+              f"all params {all_param:,d}")
+
+    print_trainable_parameters._sparsegrad = True
+    print_trainable_parameters.__doc__ = original.__doc__
+    PeftModel.print_trainable_parameters = print_trainable_parameters

@@ -795,3 +795,32 @@ def test_adapter_with_row_column_indices_of_earlier_versions_loads(tmp_path):
     save_file(state, path)
     loaded = PeftModel.from_pretrained(build_model(arch), tmp_path)
     torch.testing.assert_close(logits(loaded, batch), expected, atol=2e-6, rtol=0)
+
+
+def test_print_trainable_parameters_states_what_sparsegrad_trains(capsys):
+    """Not PEFT's dense count of requires_grad parameters (every adapted weight), but the per-step budget Σk, the
+    support, the adapter's bytes and the other trainable parameters; LoRA models print as before."""
+    from peft import LoraConfig
+
+    arch = "bert"
+    model = make_peft(arch, keep_ratio=0.05)
+    summary = model.base_model.trainable_summary()
+    layers = sparsegrad_layers(model)
+    assert summary["adapted_layers"] == len(layers) == 4
+    assert summary["budget_per_step"] == sum(m.sparsegrad_k["default"] for m in layers.values())
+    assert summary["adapted_weights"] == sum(m.out_features * m.in_features for m in layers.values())
+    assert summary["support"] == 0
+    head = sum(p.numel() for p in model.base_model.model.classifier.modules_to_save["default"].parameters())
+    assert summary["other_trainable"] == head
+    model.print_trainable_parameters()
+    out = capsys.readouterr().out
+    assert f"{summary['budget_per_step']:,d} entries per step" in out and "support 0 entries" in out
+    train(model, arch, steps=2)
+    after = model.base_model.trainable_summary()
+    assert after["support"] >= after["budget_per_step"]
+    assert after["adapter_bytes"] == 8 * after["support"] + sum(
+        (p.U_out.numel() + p.U_in.numel()) * 2 for p in {id(m.sparsegrad_bases["default"]): m.sparsegrad_bases["default"]
+                                                        for m in layers.values()}.values())
+    lora = get_peft_model(build_model(arch), LoraConfig(target_modules=["query"], r=2))
+    lora.print_trainable_parameters()
+    assert capsys.readouterr().out.startswith("trainable params:")
