@@ -43,6 +43,29 @@ from .update import SPARSE_MODES, apply_update, sparse_update
 logger = logging.getLogger("peft_sparsegrad")
 
 
+SUPPORTED_ENGINES = "one process, DDP, or FSDP2 (fully_shard; Trainer: fsdp_version 2) without CPU offload"
+
+
+def check_engine(args, model) -> None:
+    """SparseGrad never trains densely behind the user's back: refuse the engines it cannot serve, naming the ones it
+    can. DeepSpeed ZeRO and FSDP1 flatten or partition the weights and their gradients (and keep their own optimizer
+    state), CPU offload moves them off the device the step runs on."""
+    if getattr(args, "deepspeed", None):
+        raise ValueError(f"SparseGrad does not support DeepSpeed; it supports {SUPPORTED_ENGINES}.")
+    fsdp_config = getattr(args, "fsdp_config", None) or {}
+    fsdp = [str(o) for o in (getattr(args, "fsdp", None) or [])]
+    if fsdp and any("offload" in o for o in fsdp) or fsdp_config.get("offload_params") or \
+            fsdp_config.get("fsdp_offload_params"):
+        raise ValueError(f"SparseGrad does not support FSDP's CPU offload; it supports {SUPPORTED_ENGINES}.")
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+    except ImportError:  # pragma: no cover - torch without FSDP
+        FSDP1 = ()
+    if model is not None and any(isinstance(m, FSDP1) for m in model.modules()):
+        raise ValueError(f"SparseGrad does not support FSDP1 (FullyShardedDataParallel, flat parameters); it "
+                         f"supports {SUPPORTED_ENGINES}: set fsdp_config={{'fsdp_version': 2, ...}}.")
+
+
 def _trainer_sync_flag() -> bool:
     """Whether the running backward ends the Trainer's accumulation window (it sets accelerate's GradientState
     before each micro-batch, also for a shortened last window of an epoch)."""
@@ -99,6 +122,7 @@ class SparseGradCallback(TrainerCallback):
             exclude_from_ddp(model)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        check_engine(args, model)
         calibrate_pending = getattr(getattr(model, "base_model", None), "calibrate_pending", None)
         if calibrate_pending is not None:
             calibrate_pending(train_dataloader, progress=not args.disable_tqdm)

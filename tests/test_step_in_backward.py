@@ -262,3 +262,19 @@ def test_bf16_compensated_rounding_keeps_a_residual_and_stochastic_none(tmp_path
                 assert layer._residual is not None and layer._residual.dtype == torch.bfloat16
             else:
                 assert layer._residual is None
+
+
+def test_engines_it_cannot_serve_are_refused_by_name(tmp_path):
+    """DeepSpeed, FSDP1 and CPU offload raise a ValueError naming what is supported (never a silent dense run)."""
+    from types import SimpleNamespace
+
+    from peft_sparsegrad.callback import check_engine
+
+    model = _model()
+    for args, what in ((SimpleNamespace(deepspeed="ds.json"), "DeepSpeed"),
+                       (SimpleNamespace(fsdp=["full_shard", "offload"], fsdp_config={}), "CPU offload"),
+                       (SimpleNamespace(fsdp=["full_shard"], fsdp_config={"offload_params": True}), "CPU offload")):
+        with pytest.raises(ValueError, match=f"{what}.*supports one process, DDP, or FSDP2"):
+            check_engine(args, model)
+    check_engine(SimpleNamespace(fsdp=["full_shard"], fsdp_config={"fsdp_version": 2}), model)  # FSDP2: fine
+    check_engine(SimpleNamespace(), model)
