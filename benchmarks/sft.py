@@ -81,6 +81,12 @@ def grids(args) -> dict[str, list[float]]:
     return out
 
 
+def grid_of(method: str, args) -> list[float]:
+    """A variant's own grid if given (``--lr-grid sparsegrad-exact=...``), else its base method's."""
+    all_grids = grids(args)
+    return all_grids.get(method, all_grids["sparsegrad" if method in VARIANTS else method])
+
+
 def _clean(result: dict) -> dict:
     return {k: v for k, v in result.items() if k not in ("model", "tokenizer", "bases")}
 
@@ -113,14 +119,14 @@ def run_method(method: str, args) -> dict:
         model, tokenizer = sft.load_causal_lm(model_path, dtype=common["model_dtype"])
         data = sft.build_sft_data(fit, tokenizer, args.max_seq_length)
         setup = sft.setup_sft_method(
-            method, model, layers=sft.block_indices(model, args.blocks_every), keep_ratio=args.keep_ratio,
+            base_method, model, layers=sft.block_indices(model, args.blocks_every), keep_ratio=args.keep_ratio,
             calibration=sft.batches(data.examples, sft.make_collator(tokenizer), args.batch_size, seed=0,
                                     n_batches=args.calibration_steps), calibration_steps=args.calibration_steps)
         bases, calibration_s = setup.bases, setup.calibration_s
         print(f"[{method}] calibrated on {args.calibration_steps} batches in {calibration_s:.0f} s", flush=True)
         del model, setup
 
-    grid = grids(args).get(method, grids(args)[base_method])
+    grid = grid_of(method, args)
     selection = {}
     select_epochs = args.select_epochs or args.epochs
     if len(grid) > 1:
@@ -260,7 +266,7 @@ def main(argv=None) -> dict:
                   f"({first['eval_tokens']} assistant tokens), epochs={args.epochs}, batch={args.batch_size}, "
                   f"max_seq_length={args.max_seq_length}, up_proj/down_proj of every {args.blocks_every}rd block, "
                   f"keep_ratio={args.keep_ratio}, calibration_steps={args.calibration_steps}, LR grids="
-                  f"{ {m: grids(args)[m] for m in methods} } (chosen on a held-out {args.select_fraction:.0%} of the "
+                  f"{ {m: grid_of(m, args) for m in methods} } (chosen on a held-out {args.select_fraction:.0%} of the "
                   f"training subset, seed 0, {args.select_epochs or args.epochs} epoch(s)); seeds {args.seeds}. "
                   f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} torch thread(s) on "
                   f"{os.cpu_count()} CPUs; wall time {time.time() - start:.0f} s."),

@@ -22,14 +22,14 @@ def test_sft_benchmark_smoke(tmp_path):
     out = tmp_path / "res" / "sft.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, SCRIPT, "--model", model, "--train-file", train, "--eval-file", test,
-                           "--methods", "full,lora,meprop,sparsegrad", "--seeds", "0,1", "--max-train-samples", "16",
+                           "--methods", "full,lora,meprop,sparsegrad,sparsegrad-exact", "--seeds", "0,1", "--max-train-samples", "16",
                            "--max-eval-samples", "6", "--max-seq-length", "64", "--batch-size", "4",
                            "--calibration-steps", "2", "--lr-grid", "full=1e-3,1e-2", "--threads", "1",
                            "--in-process", "--output", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {"full", "lora", "meprop", "sparsegrad"}
+    assert set(report["results"]) == {"full", "lora", "meprop", "sparsegrad", "sparsegrad-exact"}
     before = {r["eval_loss_before"] for r in report["results"].values()}
     assert len(before) == 1  # the same base model and eval set for every method
     for method, r in report["results"].items():
