@@ -25,6 +25,7 @@ Methods: ``full`` (the Trainer's AdamW on those weights), ``lora`` (PEFT LoRA, r
 (the Trainer's ``optim="galore_adamw"`` on those weights, rank ``--galore-rank``, update_proj_gap 200, scale 0.25),
 ``meprop`` (SparseGrad, identity bases), ``sparsegrad`` (the default SparseGradConfig: periodic selection, support of
 at most 2k, stochastic rounding, step inside backward), ``sparsegrad-dynamic`` (the same with selection="dynamic"),
+``sparsegrad-bf16`` (the default with bfloat16 products, what "auto" picks on a GPU for bf16 weights; CPU: float32),
 ``sparsegrad-dense`` (the default config on the dense path, ``SparseGradCallback(step_in_backward=False)``) and
 ``sparsegrad-exact`` (what earlier versions did: dynamic selection, unbounded support, compensated rounding, the dense
 path). SparseGrad's bases come from one calibration (``--calibration-steps`` synthetic batches) in a worker of its own,
@@ -53,6 +54,7 @@ METHODS = {  # name: SparseGradConfig overrides and callback options (None: not 
     "meprop": ({"bases": "identity"}, {}),
     "sparsegrad": ({}, {}),
     "sparsegrad-dynamic": ({"selection": "dynamic"}, {}),
+    "sparsegrad-bf16": ({"compute_dtype": "bfloat16"}, {}),
     "sparsegrad-dense": ({}, {"step_in_backward": False}),
     "sparsegrad-exact": ({"selection": "dynamic", "max_support": None, "rounding": "compensated"},
                          {"step_in_backward": False}),
@@ -265,7 +267,7 @@ def worker(args) -> dict:
         callback = SparseGradCallback(**callback_options)
         callbacks.append(callback)
         info["config"] = {k: getattr(config, k) for k in ("selection", "refresh_interval", "max_support", "rounding",
-                                                          "sparse_optimizer", "bases_dtype")}
+                                                          "sparse_optimizer", "bases_dtype", "compute_dtype")}
     probe = _Probe.make(args)
     out_dir = tempfile.mkdtemp(prefix="trainer_memory_")
     training = transformers.TrainingArguments(

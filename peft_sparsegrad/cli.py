@@ -128,6 +128,9 @@ def _add_update_options(m) -> None:
     m.add_argument("--bases-dtype", default="float16", choices=["float16", "float32"],
                    help="storage of the bases U_out, U_in (sparsegrad): float16 (default, half the memory, orthogonal to "
                         "~6e-4) or float32 (exactly orthogonal)")
+    m.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="precision of the step's dense products (rotation, update): auto (default) = bfloat16 for "
+                        "bf16/fp16 weights on a GPU, float32 on CPU and for float32 weights")
 
 
 def _effective_update(model, args) -> dict:
@@ -135,17 +138,18 @@ def _effective_update(model, args) -> dict:
     config = next(iter(getattr(model, "peft_config", {}).values()), None)
     if args.method not in ("sparsegrad", "meprop") or config is None or not hasattr(config, "selection"):
         return {k: None for k in ("sparse_optimizer", "selection", "refresh_interval", "max_support", "rounding",
-                                  "step_in_backward")}
+                                  "compute_dtype", "step_in_backward")}
     return {"sparse_optimizer": config.sparse_optimizer, "selection": config.selection,
             "refresh_interval": config.refresh_interval if config.selection == "periodic" else None,
-            "max_support": config.max_support, "rounding": config.rounding, "step_in_backward": not args.dense_step}
+            "max_support": config.max_support, "rounding": config.rounding, "compute_dtype": config.compute_dtype,
+            "step_in_backward": not args.dense_step}
 
 
 def _update_config(args) -> dict:
     """SparseGradConfig fields from the shared update options (selection None: the config's default)."""
     options = {"sparse_optimizer": args.sparse_optimizer, "refresh_interval": args.refresh_interval,
                "max_support": args.max_support, "rounding": args.rounding, "gram_precision": args.gram_precision,
-               "bases_dtype": args.bases_dtype}
+               "bases_dtype": args.bases_dtype, "compute_dtype": args.compute_dtype}
     if args.selection is not None:
         options["selection"] = args.selection
     return options

@@ -62,6 +62,7 @@ class SparseGradLayer(BaseTunerLayer):
     adapter_layer_names = ("sparsegrad_delta",)
     other_param_names = ("sparsegrad_k", "sparsegrad_keep_ratio", "sparsegrad_bases", "sparsegrad_type",
                          "sparsegrad_refresh_interval", "sparsegrad_bases_dtype", "sparsegrad_rounding",
+                         "sparsegrad_compute_dtype",
                          "sparsegrad_max_support")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -74,6 +75,7 @@ class SparseGradLayer(BaseTunerLayer):
         self.sparsegrad_refresh_interval: dict[str, int] = {}  # adapter -> steps between support refreshes, 0: dynamic
         self.sparsegrad_bases_dtype: dict[str, str] = {}  # adapter -> SparseGradConfig.bases_dtype
         self.sparsegrad_rounding: dict[str, str] = {}  # adapter -> SparseGradConfig.rounding
+        self.sparsegrad_compute_dtype: dict[str, str] = {}  # adapter -> SparseGradConfig.compute_dtype
         self.sparsegrad_max_support: dict[str, Optional[int]] = {}  # adapter -> most entries ΔW' may hold (None: any)
         self._applied: list[str] = []  # adapters whose ΔW is in the base weight right now
         self._trainable: list[str] = []  # active adapters that train (not inference mode)
@@ -103,6 +105,7 @@ class SparseGradLayer(BaseTunerLayer):
         bases_dtype: str = "float16",
         rounding: str = "stochastic",
         max_support: Optional[float] = None,
+        compute_dtype: str = "auto",
     ) -> None:
         if not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}.")
@@ -115,6 +118,7 @@ class SparseGradLayer(BaseTunerLayer):
         k = self.sparsegrad_k[adapter_name] = max(1, math.ceil(keep_ratio * shape[0] * shape[1]))
         self.sparsegrad_max_support[adapter_name] = None if max_support is None else max(k, math.ceil(max_support * k))
         self.sparsegrad_rounding[adapter_name] = rounding
+        self.sparsegrad_compute_dtype[adapter_name] = compute_dtype
         self.sparsegrad_refresh_interval[adapter_name] = int(refresh_interval)
         self.sparsegrad_delta[adapter_name] = delta
         self.sparsegrad_keep_ratio[adapter_name] = keep_ratio
@@ -263,10 +267,16 @@ class SparseGradLayer(BaseTunerLayer):
         return torch.float16 if half else torch.float32
 
     def compute_dtype(self) -> torch.dtype:
-        """Precision of the training step's GEMMs: bf16 for bf16/fp16 weights (whose gradient has that precision
-        anyway), float32 otherwise. ΔW', moments and the weight update stay float32 (the bases are stored as
-        ``bases_dtype`` says, see ``BasisPair``)."""
-        return torch.bfloat16 if self._is_half() else torch.float32
+        """Precision of the training step's dense products (``SparseGradConfig.compute_dtype`` of the active adapter).
+        "auto": bf16 for bf16/fp16 weights on an accelerator (their gradient has that precision anyway), float32 on
+        CPU, where bf16 GEMMs buffer float32 copies of their operands, and for float32 weights. ΔW', moments and the
+        weight update stay float32 (the bases are stored as ``bases_dtype`` says, see ``BasisPair``)."""
+        choice = next((self.sparsegrad_compute_dtype[a] for a in self.active_adapters
+                       if a in self.sparsegrad_compute_dtype), "auto")
+        if choice == "auto":
+            weight = self.get_base_layer().weight
+            return torch.bfloat16 if self._is_half() and weight.device.type != "cpu" else torch.float32
+        return getattr(torch, choice)
 
     def _update_mode(self, training: bool) -> Optional[str]:
         """How a change reaches W: None (float32 W: plain addition), "compensated" (a residual exists or an adapter
@@ -425,13 +435,15 @@ class SparseGradLinear(nn.Module, SparseGradLayer):
         bases_dtype: str = "float16",
         rounding: str = "stochastic",
         max_support: Optional[float] = None,
+        compute_dtype: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__()
         SparseGradLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, keep_ratio, bases, layer_type, init_weights, refresh_interval=refresh_interval,
-                          bases_dtype=bases_dtype, rounding=rounding, max_support=max_support)
+                          bases_dtype=bases_dtype, rounding=rounding, max_support=max_support,
+                          compute_dtype=compute_dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Mark adapters as merged; ΔW of an adapter that is not active yet is added to W (float32 arithmetic)."""

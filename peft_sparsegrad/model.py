@@ -139,7 +139,8 @@ class SparseGradModel(BaseTuner):
         refresh = peft_config.refresh_interval if getattr(peft_config, "selection", "dynamic") == "periodic" else 0
         options = {"refresh_interval": refresh, "bases_dtype": getattr(peft_config, "bases_dtype", "float16"),
                    "rounding": getattr(peft_config, "rounding", "stochastic"),
-                   "max_support": getattr(peft_config, "max_support", None)}
+                   "max_support": getattr(peft_config, "max_support", None),
+                   "compute_dtype": getattr(peft_config, "compute_dtype", "auto")}
         if isinstance(target, SparseGradLinear):
             target.update_layer(adapter_name, *args, **options)
             return

@@ -15,8 +15,8 @@ is taken block by block as the rotated gradient is produced (a running candidate
 exists: besides G (overwritten in place when the caller owns it) a full rotation holds blocks of ``BLOCK_ELEMENTS``.
 The update is likewise a stream of blocks of ΔW, so no dense out × in change is ever materialised.
 
-Products run in the *compute dtype* (bfloat16 for half-precision weights, whose gradient has that precision anyway;
-float32 otherwise); the sparse sides (``torch.sparse.sampled_addmm``, sparse × dense) run in float32.
+Products run in the *compute dtype* (``SparseGradConfig.compute_dtype``: by default bfloat16 for half-precision weights
+on accelerators, float32 on CPU and for float32 weights); the sparse sides (``torch.sparse.sampled_addmm``, sparse × dense) run in float32.
 """
 
 from __future__ import annotations

@@ -113,6 +113,7 @@ def test_bad_calibration_steps(value, exc):
     ({"bias": "lora_only"}, "bias"),
     ({"bases": 3}, "bases"),
     ({"bases_dtype": "bfloat16"}, r"bases_dtype must be one of \('float16', 'float32', 'auto'\)"),
+    ({"compute_dtype": "float16"}, r"compute_dtype must be one of \('auto', 'float32', 'bfloat16'\)"),
 ])
 def test_bad_config_fields(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -552,6 +552,39 @@ def test_bf16_base_model_training(tmp_path):
     _assert_fp32_sparse_state(trainer, model)
 
 
+@pytest.mark.parametrize("compute_dtype, expected", [("auto", torch.float32), ("float32", torch.float32),
+                                                     ("bfloat16", torch.bfloat16)])
+def test_bf16_weights_train_in_each_compute_dtype(tmp_path, monkeypatch, compute_dtype, expected):
+    """compute_dtype sets the precision of the step's dense products ("auto" on CPU: float32, as bf16 GEMMs there
+    buffer float32 operand copies); the result agrees with float32 products to bf16's resolution (bf16 products may
+    swap entries that tie at the top-k threshold)."""
+    from peft_sparsegrad.rotation import BasisPair
+
+    seen = set()
+    for name in ("rotate_topk", "rotate_at"):
+        original = getattr(BasisPair, name)
+
+        def spy(self, grad, *args, _original=original, **kwargs):
+            seen.add(args[1] if len(args) > 1 else kwargs.get("dtype"))
+            return _original(self, grad, *args, **kwargs)
+        monkeypatch.setattr(BasisPair, name, spy)
+    model = _model(dtype=torch.bfloat16, compute_dtype=compute_dtype, rounding="compensated")
+    assert {m.compute_dtype() for m in _layers(model)} == {expected}
+    _train(tmp_path, model, max_steps=3)
+    assert seen == {expected}
+    reference = _model(dtype=torch.bfloat16, compute_dtype="float32", rounding="compensated")
+    monkeypatch.undo()
+    _train(tmp_path, reference, max_steps=3)
+    for got, want in zip(_deltas(model), _deltas(reference)):  # the same entries (up to near-ties), the same values
+        both = (got != 0) & (want != 0)
+        assert both.sum() >= 0.9 * (want != 0).sum()
+        assert (got[both] - want[both]).norm() <= 0.05 * want[both].norm()
+
+
+def test_float32_weights_compute_in_float32_by_default():
+    assert {m.compute_dtype() for m in _layers(_model())} == {torch.float32}
+
+
 def test_fp16_training(tmp_path):
     model = _model()
     initial = _deltas(model)
